@@ -104,6 +104,7 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        d = _from_llama_keys(dict(d), source)
         mt = d.get("model_type", "internlm2")
         if mt not in ("internlm2", "internlm2_5", "llama"):
             raise ConfigError(f"{source}: model_type {mt!r} is not an InternLM2 model")
@@ -116,8 +117,6 @@ class ModelConfig:
         kwargs = {k: d[k] for k in names if k in d and k != "rope_scaling"}
         if "num_key_value_heads" not in d and "num_attention_heads" in d:
             kwargs["num_key_value_heads"] = d["num_attention_heads"]
-        if "attention_bias" in d and "bias" not in d:  # a LLaMA-layout config
-            kwargs["bias"] = bool(d["attention_bias"])
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(k), list):
                 kwargs[k] = kwargs[k][0]
@@ -166,6 +165,34 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# LLaMA-layout config keys with no ModelConfig field (read or checked by `_from_llama_keys`).
+_LLAMA_ONLY_KEYS = {"attention_bias", "attention_dropout", "mlp_bias", "head_dim", "rope_parameters"}
+
+
+def _from_llama_keys(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fold LLaMA / transformers-5 config keys into the InternLM2 ones (in place)."""
+    rp = d.get("rope_parameters")  # transformers >= 5 keeps theta and scaling together here
+    if isinstance(rp, dict) and ("rope_type" in rp or "type" in rp or "rope_theta" in rp):
+        if "rope_theta" in rp:
+            d.setdefault("rope_theta", rp["rope_theta"])
+        if d.get("rope_scaling") is None:
+            d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    elif rp is not None:
+        raise ConfigError(f"{source}: rope_parameters {rp!r} is not supported (per-layer rope)")
+    hd = d.get("head_dim")
+    if hd is not None and "hidden_size" in d and "num_attention_heads" in d and \
+            hd * d["num_attention_heads"] != d["hidden_size"]:
+        raise ConfigError(f"{source}: head_dim {hd} != hidden_size / num_attention_heads; "
+                          "InternLM2 needs head_dim * num_attention_heads == hidden_size")
+    if d.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not an InternLM2 layout")
+    if "attention_bias" in d and "bias" not in d:
+        d["bias"] = bool(d["attention_bias"])
+    for k in _LLAMA_ONLY_KEYS:
+        d.pop(k, None)
+    return d
 
 
 def normalize_rope_scaling(rs: Any) -> dict[str, Any] | None:
