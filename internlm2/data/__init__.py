@@ -1,0 +1,1 @@
+"""Data pipeline: readers, filters, dedup, packing, and the built-in corpus."""

@@ -1,0 +1,178 @@
+"""`internlm2 speedrun`: the whole pipeline on the built-in corpus, stage by stage.
+
+Every stage writes its outputs under the run folder and a marker `stages/<name>.json`
+(wall time, peak memory, figures) when it finishes; a rerun skips finished stages and
+`--force STAGE` redoes one (and the stages after it). The stages that exist so far:
+
+  corpus     built-in corpus (Python stdlib code + its docstrings, bilingual synthetic text)
+  tokenizer  byte-level BPE trained the report's way; compression beside the official one
+  report     report.md with every stage's figures
+
+Later stages (data pipeline, pretraining phases, SFT, reward model, PPO, evaluation) are
+added here as they are built; `internlm2 speedrun --list` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+@dataclass
+class Settings:
+    out: Path
+    quick: bool = False
+    seed: int = 0
+
+    @property
+    def code_files(self) -> int | None:
+        return 120 if self.quick else None
+
+    @property
+    def synthetic_docs(self) -> int:
+        return 2000 if self.quick else 12000
+
+    @property
+    def vocab_size(self) -> int:
+        return 4096 if self.quick else 8192
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- stages --------------------------------------------------------------------------------
+
+def stage_corpus(s: Settings) -> dict:
+    from .data.builtin import build_builtin_corpus
+    return build_builtin_corpus(s.out / "corpus", seed=s.seed, code_files=s.code_files,
+                                synthetic=s.synthetic_docs)
+
+
+def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
+    """Held-out-ish samples per kind for compression figures (last documents of each file)."""
+    out: dict[str, list[str]] = {"english": [], "chinese": [], "code": []}
+    for name, key in (("prose_en.jsonl", "english"), ("code.jsonl", "code")):
+        lines = (corpus / name).read_text(encoding="utf-8").splitlines()[-per_kind:]
+        out[key] = [json.loads(x)["text"] for x in lines]
+    for line in (corpus / "synthetic.jsonl").read_text(encoding="utf-8").splitlines()[::-1]:
+        d = json.loads(line)
+        if d["lang"] == "zh":
+            out["chinese"].append(d["text"])
+        if len(out["chinese"]) >= per_kind:
+            break
+    return out
+
+
+def stage_tokenizer(s: Settings) -> dict:
+    from .tokenizer import compression, load_tokenizer, official_tokenizer_path, train_tokenizer
+    corpus = s.out / "corpus"
+    files = [str(corpus / n) for n in ("code.jsonl", "prose_en.jsonl", "synthetic.jsonl")]
+    tok = train_tokenizer(files, vocab_size=s.vocab_size, output_dir=s.out / "tokenizer")
+    samples = _samples(corpus)
+    figures = {"vocab_size": tok.vocab_size,
+               "chars_per_token": {k: round(compression(tok, v), 3) for k, v in samples.items()}}
+    official = official_tokenizer_path()
+    if official is not None:
+        off = load_tokenizer(official)
+        figures["official_chars_per_token"] = {
+            k: round(compression(off, v), 3) for k, v in samples.items()}
+    return figures
+
+
+def stage_report(s: Settings) -> dict:
+    stages = {}
+    for name, _ in STAGES:
+        p = s.out / "stages" / f"{name}.json"
+        if p.exists():
+            stages[name] = json.loads(p.read_text())
+    lines = [f"# Speedrun report: `{s.out.name}`", "",
+             f"Settings: quick={s.quick}, seed={s.seed}.", "",
+             "| stage | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
+    for name, rec in stages.items():
+        lines.append(f"| {name} | {rec['wall_s']:.1f} | {rec['peak_rss_mb']:.0f} |")
+    if "corpus" in stages:
+        lines += ["", "## Built-in corpus", "", "| part | documents | bytes |", "|---|---|---|"]
+        for part, st in stages["corpus"]["figures"].items():
+            lines.append(f"| {part} | {st['documents']} | {st['bytes']:,} |")
+    if "tokenizer" in stages:
+        f = stages["tokenizer"]["figures"]
+        lines += ["", "## Tokenizer", "",
+                  f"Byte-level BPE, vocabulary {f['vocab_size']} (a multiple of 128, chat tokens last).",
+                  "", "| text | ours (chars/token) | official 92,544 (chars/token) |", "|---|---|---|"]
+        off = f.get("official_chars_per_token", {})
+        for k, v in f["chars_per_token"].items():
+            lines.append(f"| {k} | {v} | {off.get(k, 'n/a')} |")
+    pending = [n for n in PENDING_STAGES]
+    lines += ["", "## Stages not built yet", "", ", ".join(pending) + "."]
+    (s.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"report": str(s.out / "report.md")}
+
+
+STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
+    ("corpus", stage_corpus),
+    ("tokenizer", stage_tokenizer),
+    ("report", stage_report),
+]
+PENDING_STAGES = ["data pipeline", "pretrain phase 1", "pretrain phase 2", "pretrain phase 3",
+                  "sft", "reward model", "ppo", "eval"]
+
+
+def run(s: Settings, force: list[str] | None = None, log=print) -> dict:
+    names = [n for n, _ in STAGES]
+    force = force or []
+    for f in force:
+        if f not in names:
+            raise ValueError(f"--force {f!r}: unknown stage; stages are {names}")
+    first_forced = min((names.index(f) for f in force), default=len(names))
+    (s.out / "stages").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for i, (name, fn) in enumerate(STAGES):
+        marker = s.out / "stages" / f"{name}.json"
+        if marker.exists() and i < first_forced and name != "report":
+            log(f"[{i + 1}/{len(STAGES)}] {name}: done earlier, skipped")
+            results[name] = json.loads(marker.read_text())
+            continue
+        log(f"[{i + 1}/{len(STAGES)}] {name} ...")
+        t0 = time.perf_counter()
+        figures = fn(s)
+        rec = {"stage": name, "wall_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
+               "figures": figures}
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=2, ensure_ascii=False))
+        os.replace(tmp, marker)
+        results[name] = rec
+        log(f"[{i + 1}/{len(STAGES)}] {name}: {rec['wall_s']:.1f}s")
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, fn in STAGES:
+            print(f"{name:10s} built")
+        for name in PENDING_STAGES:
+            print(f"{name:10s} not built yet")
+        return 0
+    s = Settings(out=Path(args.out), quick=args.quick, seed=args.seed)
+    run(s, force=args.force)
+    print(f"\nreport: {s.out / 'report.md'}")
+    print("stages still to come: " + ", ".join(PENDING_STAGES), file=sys.stderr)
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("speedrun", help="run the whole pipeline on the built-in corpus",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/speedrun", help="run folder (default runs/speedrun)")
+    p.add_argument("--quick", action="store_true", help="smaller settings (a smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE and the stages after it (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the stages and exit")
+    p.set_defaults(func=main)
