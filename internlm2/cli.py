@@ -11,6 +11,7 @@ _COMMAND_MODULES = [
     "internlm2.chat",        # chat, generate
     "internlm2.hf",          # convert, info
     "internlm2.tokenizer",   # tokenizer train|encode
+    "internlm2.data.cli",    # data run|builtin|train-classifier
     "internlm2.speedrun",    # speedrun
 ]
 
