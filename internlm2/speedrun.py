@@ -5,7 +5,11 @@ Every stage writes its outputs under the run folder and a marker `stages/<name>.
 `--force STAGE` redoes one (and the stages after it). The stages that exist so far:
 
   corpus     built-in corpus (Python stdlib code + its docstrings, bilingual synthetic text)
-  tokenizer  byte-level BPE trained the report's way; compression beside the official one
+  data       the data pipeline (configs/pipeline-builtin.toml): filters, safety, quality,
+             code ordering, MinHash dedup, long-context selection
+  tokenizer  byte-level BPE trained the report's way on the clean data; compression beside
+             the official tokenizer
+  shards     the clean data (high-quality code upsampled) and the long subset as token shards
   report     report.md with every stage's figures
 
 Later stages (data pipeline, pretraining phases, SFT, reward model, PPO, evaluation) are
@@ -55,6 +59,46 @@ def stage_corpus(s: Settings) -> dict:
                                 synthetic=s.synthetic_docs)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_data(s: Settings) -> dict:
+    from .data.pipeline import PipelineConfig, run_pipeline
+    path = REPO / "configs" / "pipeline-builtin.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the speedrun needs the repository's configs/ folder "
+                                "(install with `pip install -e .` from a checkout)")
+    cfg = PipelineConfig.from_toml(path)
+    cfg.inputs = [str(s.out / "corpus")]
+    cfg.output = str(s.out / "data")
+    cfg.workers = 2
+    cfg.progress = False
+    stats = run_pipeline(cfg, overwrite=True)
+    st = stats.get("stages", {})
+    return {"stages": {k: {f: v.get(f) for f in ("docs_in", "docs_out", "bytes_in", "bytes_out")}
+                       for k, v in st.items() if isinstance(v, dict)},
+            "long": stats["output"]["long"], "balance_ok": stats["balance"]["ok"],
+            "report": str(s.out / "data" / "report.md")}
+
+
+def stage_shards(s: Settings) -> dict:
+    from .data.pipeline import iter_output_documents
+    from .data.shards import write_token_shards
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(s.out / "tokenizer")
+    out = {}
+    for name, folder, upsample in (("main", "clean", True), ("long", "long", False)):
+        src = s.out / "data" / folder
+        if not any(src.glob("part-*.jsonl")):
+            continue
+        m = write_token_shards(iter_output_documents(src, upsample), tok,
+                               s.out / "data" / ("shards" if name == "main" else "shards_long"),
+                               val_fraction=0.02, seed=s.seed, overwrite=True)
+        out[name] = {split: {"docs": m["splits"][split]["num_docs"],
+                             "tokens": m["splits"][split]["num_tokens"]} for split in ("train", "val")}
+    return out
+
+
 def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
     """Held-out-ish samples per kind for compression figures (last documents of each file)."""
     out: dict[str, list[str]] = {"english": [], "chinese": [], "code": []}
@@ -73,7 +117,7 @@ def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
 def stage_tokenizer(s: Settings) -> dict:
     from .tokenizer import compression, load_tokenizer, official_tokenizer_path, train_tokenizer
     corpus = s.out / "corpus"
-    files = [str(corpus / n) for n in ("code.jsonl", "prose_en.jsonl", "synthetic.jsonl")]
+    files = sorted(str(p) for p in (s.out / "data" / "clean").glob("part-*.jsonl"))
     tok = train_tokenizer(files, vocab_size=s.vocab_size, output_dir=s.out / "tokenizer")
     samples = _samples(corpus)
     figures = {"vocab_size": tok.vocab_size,
@@ -101,6 +145,18 @@ def stage_report(s: Settings) -> dict:
         lines += ["", "## Built-in corpus", "", "| part | documents | bytes |", "|---|---|---|"]
         for part, st in stages["corpus"]["figures"].items():
             lines.append(f"| {part} | {st['documents']} | {st['bytes']:,} |")
+    if "data" in stages:
+        lines += ["", "## Data pipeline", "", "| stage | docs in | docs out | MB in | MB out |",
+                  "|---|---|---|---|---|"]
+        for name, st in stages["data"]["figures"]["stages"].items():
+            mb = lambda b: f"{b / 1e6:.2f}" if isinstance(b, (int, float)) else "n/a"
+            lines.append(f"| {name} | {st.get('docs_in')} | {st.get('docs_out')} | "
+                         f"{mb(st.get('bytes_in'))} | {mb(st.get('bytes_out'))} |")
+        lg = stages["data"]["figures"]["long"]
+        lines += ["", f"Long-context subset (documents over 32 KB that pass the statistical "
+                  f"filters): {lg['docs']} documents, {lg['bytes'] / 1e6:.2f} MB.",
+                  "", "Every removed document, with its stage and reason, is under `data/removed/`; "
+                  "the pipeline's own report is `data/report.md`."]
     if "tokenizer" in stages:
         f = stages["tokenizer"]["figures"]
         lines += ["", "## Tokenizer", "",
@@ -109,6 +165,11 @@ def stage_report(s: Settings) -> dict:
         off = f.get("official_chars_per_token", {})
         for k, v in f["chars_per_token"].items():
             lines.append(f"| {k} | {v} | {off.get(k, 'n/a')} |")
+    if "shards" in stages:
+        lines += ["", "## Token shards", "", "| set | split | documents | tokens |", "|---|---|---|---|"]
+        for name, splits in stages["shards"]["figures"].items():
+            for split, st in splits.items():
+                lines.append(f"| {name} | {split} | {st['docs']} | {st['tokens']:,} |")
     pending = [n for n in PENDING_STAGES]
     lines += ["", "## Stages not built yet", "", ", ".join(pending) + "."]
     (s.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -117,10 +178,12 @@ def stage_report(s: Settings) -> dict:
 
 STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
     ("corpus", stage_corpus),
+    ("data", stage_data),
     ("tokenizer", stage_tokenizer),
+    ("shards", stage_shards),
     ("report", stage_report),
 ]
-PENDING_STAGES = ["data pipeline", "pretrain phase 1", "pretrain phase 2", "pretrain phase 3",
+PENDING_STAGES = ["pretrain phase 1", "pretrain phase 2", "pretrain phase 3",
                   "sft", "reward model", "ppo", "eval"]
 
 

@@ -985,7 +985,7 @@ class _Runner:
             if name == "long" and not long_docs:
                 continue
             copies = [0]
-            docs = self._iter_docs(self.root / folder, upsample, copies)
+            docs = iter_output_documents(self.root / folder, upsample, copies)
             dest = self.root / ("shards" if name == "main" else "shards_long")
             m = write_token_shards(docs, tok, dest, **kw)
             out[name] = {split: {"docs": m["splits"][split]["num_docs"],
@@ -1003,16 +1003,19 @@ class _Runner:
         self.timing["tokenize"] = time.perf_counter() - t0
         return out
 
-    @staticmethod
-    def _iter_docs(folder: Path, upsample: bool, copies: list[int]) -> Iterator[dict]:
-        """The documents of a folder; with `upsample`, `doc["upsample"]` times each (the
-        copies keep their id, so they fall in the same train/val split)."""
-        for path in sorted(folder.glob("part-*.jsonl")):
-            for doc in _read_jsonl(path):
-                n = max(1, int(doc.get("upsample", 1))) if upsample else 1
-                copies[0] += n - 1
-                for _ in range(n):
-                    yield doc
+
+def iter_output_documents(folder: str | os.PathLike, upsample: bool = True,
+                          copies: list[int] | None = None) -> Iterator[dict]:
+    """The documents of an output folder (`clean/` or `long/`); with `upsample`,
+    `doc["upsample"]` times each (the copies keep their id, so they fall in the same
+    train/val split). `copies[0]` counts the extra copies."""
+    copies = copies if copies is not None else [0]
+    for path in sorted(Path(folder).glob("part-*.jsonl")):
+        for doc in _read_jsonl(path):
+            n = max(1, int(doc.get("upsample", 1))) if upsample else 1
+            copies[0] += n - 1
+            for _ in range(n):
+                yield doc
 
 
 def run_pipeline(config: PipelineConfig, overwrite: bool = False) -> dict:
