@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import contextlib
 import os
 import re
 import sys
@@ -86,6 +87,24 @@ def _as_id_list(ids) -> list[int]:
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Redirect the process's fd 2 to /dev/null (C++ libraries log there directly)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. some embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -311,7 +330,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._model_bytes = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.LoadFromSerializedProto(self._model_bytes)
+            # The official file marks piece 354 ("\\0") unused; sentencepiece's C++ logger says
+            # so on stderr at every load. Silence that one known line.
+            with _quiet_stderr():
+                self._sp.LoadFromSerializedProto(self._model_bytes)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{self.path} is not a valid SentencePiece model: {e}") from e
         sp = self._sp
