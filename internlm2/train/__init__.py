@@ -1,0 +1,1 @@
+"""Training: the shared loop, parallelism, checkpoints, and the pretraining / alignment stages."""
