@@ -12,6 +12,7 @@ _COMMAND_MODULES = [
     "internlm2.hf",          # convert, info
     "internlm2.tokenizer",   # tokenizer train|encode
     "internlm2.data.cli",    # data run|builtin|train-classifier
+    "internlm2.train.pretrain",  # pretrain
     "internlm2.speedrun",    # speedrun
 ]
 
