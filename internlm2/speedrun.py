@@ -46,6 +46,10 @@ class Settings:
     def vocab_size(self) -> int:
         return 4096 if self.quick else 8192
 
+    @property
+    def pretrain_steps(self) -> int:
+        return 30 if self.quick else 300
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -60,6 +64,7 @@ def stage_corpus(s: Settings) -> dict:
 
 
 REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("code", "prose", "synthetic")
 
 
 def stage_data(s: Settings) -> dict:
@@ -81,22 +86,80 @@ def stage_data(s: Settings) -> dict:
             "report": str(s.out / "data" / "report.md")}
 
 
+def _category(doc: dict) -> str:
+    """The pretraining mixture a clean document belongs to."""
+    src = str(doc.get("source", ""))
+    if doc.get("lang") == "code" or src == "code":
+        return "code"
+    return "synthetic" if src.startswith("synthetic") else "prose"
+
+
 def stage_shards(s: Settings) -> dict:
+    """Token shards per mixture category (code / prose / synthetic) and for the long subset."""
     from .data.pipeline import iter_output_documents
     from .data.shards import write_token_shards
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(s.out / "tokenizer")
     out = {}
-    for name, folder, upsample in (("main", "clean", True), ("long", "long", False)):
-        src = s.out / "data" / folder
-        if not any(src.glob("part-*.jsonl")):
-            continue
-        m = write_token_shards(iter_output_documents(src, upsample), tok,
-                               s.out / "data" / ("shards" if name == "main" else "shards_long"),
-                               val_fraction=0.02, seed=s.seed, overwrite=True)
+    clean, long_dir = s.out / "data" / "clean", s.out / "data" / "long"
+    sets = [(c, clean, c) for c in CATEGORIES]
+    if any(long_dir.glob("part-*.jsonl")):
+        sets.append(("long", long_dir, None))
+    for name, src, category in sets:
+        docs = (d for d in iter_output_documents(src, upsample=category is not None)
+                if category is None or _category(d) == category)
+        m = write_token_shards(docs, tok, s.out / "shards" / name, val_fraction=0.02,
+                               seed=s.seed, overwrite=True)
         out[name] = {split: {"docs": m["splits"][split]["num_docs"],
                              "tokens": m["splits"][split]["num_tokens"]} for split in ("train", "val")}
     return out
+
+
+def stage_pretrain(s: Settings) -> dict:
+    """The three phases on the speedrun's shards (configs/speedrun-cpu.toml), then the
+    report's model versions: base (after the long-context phase) and internlm2 (after
+    enhancement)."""
+    import shutil
+
+    from .tokenizer import load_tokenizer
+    from .train import pretrain
+    from .train.loop import read_metrics
+    from .train.recipe import Recipe
+    path = REPO / "configs" / "speedrun-cpu.toml"
+    tok = load_tokenizer(s.out / "tokenizer")
+    over = [f"data.tokenizer={json.dumps(str(s.out / 'tokenizer'))}",
+            f"model.vocab_size={tok.vocab_size}", f"train.steps={s.pretrain_steps}",
+            "train.progress=false", f"train.seed={s.seed}",
+            f"checkpoint.every={max(10, s.pretrain_steps // 10)}"]
+    if s.quick:  # a smoke test: half the batch, a small validation set
+        over += ["train.batch_tokens=4096", "train.micro_batch_size=16", "train.eval_tokens=8192"]
+    over += [f"data.sources.{c}={json.dumps(str(s.out / 'shards' / c))}" for c in CATEGORIES]
+    recipe = Recipe.load(path, over)
+    run_dir = s.out / "pretrain"
+    summary = pretrain.run(recipe, run_dir, resume="auto")
+    if summary.get("stopped"):
+        raise RuntimeError(f"pretraining stopped: {summary['stopped']}")
+    phases = sorted(p for p in run_dir.glob("phase*") if p.is_dir())
+    if len(phases) < 3:
+        raise RuntimeError(f"expected a model folder per phase under {run_dir}, found {phases}")
+    for name, src in (("base", phases[1]), ("internlm2", phases[2])):
+        if (s.out / name).exists():
+            shutil.rmtree(s.out / name)
+        shutil.copytree(src, s.out / name)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    per_phase: dict[int, dict] = {}
+    for r in rows:
+        if "val_loss" not in r:
+            continue
+        ph = per_phase.setdefault(int(r["phase"]), {"first": None, "last": None})
+        if ph["first"] is None:
+            ph["first"] = (r["step"], r["val_loss"], r.get("val_bpb"))
+        ph["last"] = (r["step"], r["val_loss"], r.get("val_bpb"))
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return {"steps": summary["steps"], "final_val_loss": summary.get("val_loss"),
+            "val_by_phase": {str(k): v for k, v in sorted(per_phase.items())},
+            "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+            "models": {"base": str(s.out / "base"), "internlm2": str(s.out / "internlm2")}}
 
 
 def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
@@ -170,6 +233,20 @@ def stage_report(s: Settings) -> dict:
         for name, splits in stages["shards"]["figures"].items():
             for split, st in splits.items():
                 lines.append(f"| {name} | {split} | {st['docs']} | {st['tokens']:,} |")
+    if "pretrain" in stages:
+        f = stages["pretrain"]["figures"]
+        lines += ["", "## Pretraining", "",
+                  f"{f['steps']} steps in three phases (configs/speedrun-cpu.toml); median "
+                  f"{f['median_tokens_per_s'] or 0:.0f} tokens/s. Validation loss (nats/token) "
+                  "and bits per byte at the start and end of each phase:", "",
+                  "| phase | first eval (step, loss, bpb) | last eval (step, loss, bpb) |",
+                  "|---|---|---|"]
+        fmt = lambda e: "n/a" if not e else f"{e[0]}, {e[1]:.3f}, " + \
+            (f"{e[2]:.3f}" if e[2] is not None else "n/a")
+        for ph, v in f["val_by_phase"].items():
+            lines.append(f"| {ph} | {fmt(v['first'])} | {fmt(v['last'])} |")
+        lines += ["", "Model folders: `base/` (after the long-context phase), `internlm2/` "
+                  "(after the enhancement phase)."]
     pending = [n for n in PENDING_STAGES]
     lines += ["", "## Stages not built yet", "", ", ".join(pending) + "."]
     (s.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -181,10 +258,10 @@ STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
     ("data", stage_data),
     ("tokenizer", stage_tokenizer),
     ("shards", stage_shards),
+    ("pretrain", stage_pretrain),
     ("report", stage_report),
 ]
-PENDING_STAGES = ["pretrain phase 1", "pretrain phase 2", "pretrain phase 3",
-                  "sft", "reward model", "ppo", "eval"]
+PENDING_STAGES = ["sft", "reward model", "ppo", "eval"]
 
 
 def run(s: Settings, force: list[str] | None = None, log=print) -> dict:

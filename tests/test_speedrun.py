@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from internlm2.data.shards import TokenShards
+from internlm2.hf import load_model
 from internlm2.tokenizer import load_tokenizer
 
 
@@ -30,15 +31,25 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
     assert tok.decode(tok.encode("def f(x):\n    return 12345", add_bos=False)) == \
         "def f(x):\n    return 12345"
 
-    train = TokenShards(out / "data" / "shards", "train")
-    assert train.num_tokens > 100_000 and int(train.doc(0).max()) < tok.vocab_size
+    shards = {c: TokenShards(out / "shards" / c, "train") for c in ("code", "prose", "synthetic")}
+    assert sum(s.num_tokens for s in shards.values()) > 100_000
+    assert all(s.num_docs > 0 and int(s.doc(0).max()) < tok.vocab_size for s in shards.values())
+
+    pre = json.loads((out / "stages" / "pretrain.json").read_text())["figures"]
+    phases = pre["val_by_phase"]
+    assert sorted(phases) == ["1", "2", "3"]
+    assert phases["1"]["last"][1] < phases["1"]["first"][1] - 0.5  # phase 1 learns clearly
+    for name, theta in (("base", 1e6), ("internlm2", 1e6)):
+        model = load_model(out / name)
+        assert model.config.rope_theta == theta and model.config.vocab_size == tok.vocab_size
+        assert load_tokenizer(out / name).vocab_size == tok.vocab_size
 
     report = (out / "report.md").read_text()
-    for section in ("Data pipeline", "Tokenizer", "Token shards"):
+    for section in ("Data pipeline", "Tokenizer", "Token shards", "Pretraining"):
         assert section in report
 
     # a rerun skips finished stages; --force redoes one and those after it
-    r = subprocess.run(cmd + ["--force", "shards"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["--force", "report"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "corpus: done earlier, skipped" in r.stdout and "tokenizer: done earlier" in r.stdout
-    assert "] shards ..." in r.stdout
+    assert "corpus: done earlier, skipped" in r.stdout and "pretrain: done earlier" in r.stdout
+    assert "] report ..." in r.stdout
