@@ -31,7 +31,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        # Written out rather than F.rms_norm: on CPU that is a composite of more ops.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
     def reset_parameters(self) -> None:
@@ -56,27 +58,54 @@ def rope_theta(config: ModelConfig, seq_len: int) -> float:
     return theta
 
 
+class RotaryTable:
+    """cos and sign-folded sin tables indexed by position, built once per rotary base.
+
+    `apply_rotary(x, cos, sin)` is then `x * cos + roll(x, D/2) * sin` (rotate-half with the
+    minus sign folded into the first half of `sin`): four elementwise ops per call.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, config: ModelConfig, theta: float, length: int, device, dtype):
+        key = (theta, str(device), dtype)
+        hit = self._tables.get(key)
+        if hit is not None and hit[0].shape[0] >= length:
+            return hit
+        if len(self._tables) > 8:  # dynamic NTK makes a new base per length past max_pos
+            self._tables.clear()
+        n = max(length, 2 * hit[0].shape[0] if hit is not None else 0, 4096)
+        inv_freq = _inv_freq_cpu(config.head_dim, theta).to(device)
+        pos = torch.arange(n, device=device, dtype=torch.float32)
+        rs = config.rope_scaling
+        if rs and rs["type"] == "linear":
+            pos = pos / rs["factor"]
+        freqs = pos[:, None] * inv_freq  # [n, D/2] in fp32
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        table = (cos.to(dtype), sin.to(dtype))
+        self._tables[key] = table
+        return table
+
+
 def rotary_cos_sin(config: ModelConfig, position_ids: torch.Tensor, seq_len: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [B, T, 1, head_dim] for the rotate-half convention."""
+                   dtype: torch.dtype, table: RotaryTable | None = None,
+                   max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin of shape [B, T, 1, head_dim] for `apply_rotary`.
+
+    `max_position` bounds the positions when the caller knows it (no device read)."""
     theta = rope_theta(config, seq_len)
-    inv_freq = _inv_freq_cpu(config.head_dim, theta).to(position_ids.device)
-    pos = position_ids.float()
-    rs = config.rope_scaling
-    if rs and rs["type"] == "linear":
-        pos = pos / rs["factor"]
-    freqs = pos[..., None] * inv_freq  # [B, T, D/2] in fp32
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    table = table or RotaryTable()
+    if max_position is None:
+        max_position = int(position_ids.max()) if position_ids.numel() else 0
+    cos, sin = table.get(config, theta, max_position + 1, position_ids.device, dtype)
+    return cos[position_ids][:, :, None], sin[position_ids][:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """Rotate-half rotary embedding; `sin` carries the sign (see RotaryTable)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # -- KV cache ------------------------------------------------------------------------------
@@ -170,12 +199,11 @@ class Attention(nn.Module):
         # Rows of wqkv are grouped per KV head: [q_0 .. q_{g-1}, k, v] for each group.
         # The number of local groups is read from the tensor so a tensor-parallel shard works.
         qkv = self.wqkv(x).view(b, t, -1, g + 2, d)
-        q = qkv[..., :g, :].reshape(b, t, -1, d)
-        k = qkv[..., g, :]
-        v = qkv[..., g + 1, :]
-        q = apply_rotary(q, cos, sin).transpose(1, 2)
-        k = apply_rotary(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        # Queries and key of each group sit side by side: rotate them in one op.
+        qk = apply_rotary(qkv[..., : g + 1, :], cos[:, :, :, None], sin[:, :, :, None])
+        q = qk[..., :g, :].reshape(b, t, -1, d).transpose(1, 2)
+        k = qk[..., g, :].transpose(1, 2)
+        v = qkv[..., g + 1, :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if ctx.cu_seqlens is not None:
@@ -267,6 +295,7 @@ class InternLM2ForCausalLM(nn.Module):
         self.model = InternLM2Model(config, device, dtype)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                 device=device, dtype=dtype)
+        self.rotary = RotaryTable()  # not a buffer: rebuilt on demand, never saved
 
     # -- construction ----------------------------------------------------------------------
     @torch.no_grad()
@@ -340,6 +369,8 @@ class InternLM2ForCausalLM(nn.Module):
             if bool(attention_mask.all()):
                 attention_mask = None if cache is None or cache.key_mask is None else attention_mask
 
+        # An upper bound of the positions, known on the host (None: read it from the tensor).
+        max_position = None if position_ids is not None else past + t - 1
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_doc_ids(doc_ids)
@@ -358,7 +389,8 @@ class InternLM2ForCausalLM(nn.Module):
         if rope_seq_len is None and self.config.rope_scaling and \
                 self.config.rope_scaling["type"] == "dynamic":
             rope_seq_len = int(position_ids.max()) + 1
-        cos, sin = rotary_cos_sin(self.config, position_ids, rope_seq_len or 0, h.dtype)
+        cos, sin = rotary_cos_sin(self.config, position_ids, rope_seq_len or 0, h.dtype,
+                                  self.rotary, max_position)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, ctx, cache, i)
         if cache is not None:
@@ -423,5 +455,5 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 __all__ = ["RMSNorm", "KVCache", "InternLM2ForCausalLM", "build_model", "rope_theta",
-           "rotary_cos_sin", "apply_rotary", "positions_from_doc_ids", "flops_per_token",
+           "RotaryTable", "rotary_cos_sin", "apply_rotary", "positions_from_doc_ids", "flops_per_token",
            "doc_ids_from_cu_seqlens"]
