@@ -42,6 +42,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout too
 
 from internlm2.data.dedup import optimal_bands, shingles
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_results  # noqa: E402
+
 DUMPS = ["CC-MAIN-2021-04", "CC-MAIN-2022-21", "CC-MAIN-2023-50"]
 
 
@@ -412,12 +415,7 @@ def main():
     if "datatrove" in ok and "ours_files" in ok:
         summary["ratio_files_vs_datatrove"] = round(ok["ours_files"]["mb_per_s"] /
                                                     ok["datatrove"]["mb_per_s"], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out)
-    print(json.dumps(summary))
+    emit_results(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ from internlm2.generate import collect, generate
 from internlm2.hf import llama_config_dict, to_llama_state_dict
 from internlm2.model import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_results  # noqa: E402
+
 
 def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
     """Bytes moved per second by a large tensor copy (read + write counted, STREAM-style)."""
@@ -202,13 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"the figures are unreliable, rerun on an idle machine")
     if "tiny" in results and "batch1" in results["tiny"]:
         results["ratio"] = results["tiny"]["batch1"]["ratio"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
-    print(json.dumps(results))
-    return results
+    return emit_results(results, args.out)
 
 
 if __name__ == "__main__":

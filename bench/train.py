@@ -77,6 +77,9 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -790,14 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out or (None if args.quick else
                         str(ROOT / "bench" / "results" / ("train_gpu.json" if gpu
                                                            else "train.json")))
-    if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        tmp.replace(p)
-    print(json.dumps(out))
-    return out
+    return emit_results(out, path)
 
 
 if __name__ == "__main__":
