@@ -68,6 +68,9 @@ class RotaryTable:
     def __init__(self) -> None:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # Kept out of compiled graphs: filling the dict inside one would make guards fail and
+    # recompile on the next call.
+    @torch.compiler.disable
     def get(self, config: ModelConfig, theta: float, length: int, device, dtype):
         key = (theta, str(device), dtype)
         hit = self._tables.get(key)
