@@ -144,6 +144,20 @@ def _interpreter_block(code: str) -> str:
     return f"{ACTION_START}{INTERPRETER}\n{body}{ACTION_END}\n"
 
 
+def _call_arguments(args: Any) -> tuple[dict, str | None]:
+    """A tool call's arguments (a dict, a JSON string, empty or None) as a dict, or a problem."""
+    if args is None or (isinstance(args, str) and not args.strip()):
+        return {}, None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            return {}, f"not valid JSON ({e})"
+    if not isinstance(args, Mapping):
+        return {}, f"must be a JSON object, got {type(args).__name__}"
+    return dict(args), None
+
+
 def _tool_call_blocks(calls: Any, where: str) -> str:
     if not isinstance(calls, (list, tuple)):
         raise ChatFormatError(f"{where}: must be a list of tool calls")
@@ -157,18 +171,10 @@ def _tool_call_blocks(calls: Any, where: str) -> str:
         name = fn.get("name")
         if not isinstance(name, str) or not name:
             raise ChatFormatError(f"{w}.function.name: must be a non-empty string, got {name!r}")
-        args = fn.get("arguments", fn.get("parameters", {}))
-        if args is None or (isinstance(args, str) and not args.strip()):
-            args = {}
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as e:
-                raise ChatFormatError(f"{w}.function.arguments: not valid JSON ({e})") from None
-        if not isinstance(args, Mapping):
-            raise ChatFormatError(f"{w}.function.arguments: must be a JSON object, "
-                                  f"got {type(args).__name__}")
-        out.append(_plugin_block(name, dict(args)))
+        args, problem = _call_arguments(fn.get("arguments", fn.get("parameters", {})))
+        if problem:
+            raise ChatFormatError(f"{w}.function.arguments: {problem}")
+        out.append(_plugin_block(name, args))
     return "".join(out)
 
 
@@ -335,16 +341,9 @@ def _plugin_call(body: str) -> tuple[str, dict, str] | str:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return f"plugin call has no string 'name': {raw[:200]!r}"
-    args = obj.get("parameters", obj.get("arguments", {}))
-    if args is None or (isinstance(args, str) and not args.strip()):
-        args = {}
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            return f"plugin call arguments string is not valid JSON ({e})"
-    if not isinstance(args, dict):
-        return f"plugin call parameters must be a JSON object, got {type(args).__name__}"
+    args, problem = _call_arguments(obj.get("parameters", obj.get("arguments", {})))
+    if problem:
+        return f"plugin call parameters: {problem}"
     return name, args, raw
 
 
