@@ -257,16 +257,8 @@ def _iter_lines(f, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
 
 def count_lines_before(path: str | os.PathLike, offset: int, chunk: int = 1 << 24) -> int:
     """Newlines in the first `offset` bytes of an (uncompressed) file."""
-    n = 0
     with open(path, "rb") as f:
-        left = offset
-        while left > 0:
-            buf = f.read(min(chunk, left))
-            if not buf:
-                break
-            n += buf.count(b"\n")
-            left -= len(buf)
-    return n
+        return _count_newlines(f, offset, chunk)
 
 
 def iter_jsonl(path: str | os.PathLike, text_key: str = "text", report: ReadReport | None = None,
