@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     "internlm2.tokenizer",   # tokenizer train|encode
     "internlm2.data.cli",    # data run|builtin|train-classifier
     "internlm2.train.pretrain",  # pretrain
+    "internlm2.align.sft",   # sft
     "internlm2.speedrun",    # speedrun
 ]
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .model import InternLM2ForCausalLM
+from .model import InternLM2ForCausalLM, InternLM2ForRewardModel
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -324,15 +324,30 @@ def _folder(path: str | os.PathLike) -> Path:
     return p
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+_ARCHITECTURES = {"InternLM2ForRewardModel": InternLM2ForRewardModel}
+
+
+def model_class(path: str | os.PathLike) -> type[InternLM2ForCausalLM]:
+    """The module class a folder's config.json `architectures` asks for (causal LM by default;
+    `InternLM2ForRewardModel` for reward models)."""
+    file = Path(path) / CONFIG_NAME
+    archs = _read_json(file).get("architectures") if file.is_file() else None
+    for a in archs or ():
+        if a in _ARCHITECTURES:
+            return _ARCHITECTURES[a]
+    return InternLM2ForCausalLM
+
+
+def _expected_shapes(config: ModelConfig, cls: type = InternLM2ForCausalLM) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = InternLM2ForCausalLM(config)
+        model = cls(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _checked_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _checked_tensors(folder: Path, config: ModelConfig, cls: type = InternLM2ForCausalLM,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors under InternLM2 names, each checked against the config; then completeness."""
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(config, cls)
     seen: set[str] = set()
     for name, t, file, orig in _to_internlm2_stream(_iter_raw(folder), config):
         label = repr(orig) if orig == name else f"{orig!r} (as {name!r})"
@@ -361,14 +376,16 @@ def _checked_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, t
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> InternLM2ForCausalLM:
-    """Load an InternLM2- or LLaMA-layout folder into an InternLM2ForCausalLM."""
+    """Load an InternLM2- or LLaMA-layout folder into an InternLM2ForCausalLM (or, when its
+    config.json says `InternLM2ForRewardModel`, into that)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     folder = _folder(path)
     config = load_config(folder)
+    cls = model_class(folder)
     with torch.device("meta"):
-        model = InternLM2ForCausalLM(config, dtype=dtype)
-    for name, t in _checked_tensors(folder, config):
+        model = cls(config, dtype=dtype)
+    for name, t in _checked_tensors(folder, config, cls):
         mod_name, _, attr = name.rpartition(".")
         module = model.get_submodule(mod_name)
         module._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype))
@@ -599,6 +616,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
             writer.add(name, t)
         writer.finish()
         cfg = config.to_hf_dict()
+        arch = getattr(model, "hf_architecture", None)
+        if arch:  # e.g. a reward model: its own class in architectures and auto_map
+            cfg["architectures"] = [arch]
+            cfg["auto_map"] = {"AutoConfig": cfg["auto_map"]["AutoConfig"],
+                               "AutoModel": f"modeling_internlm2.{arch}"}
         cfg["torch_dtype"] = _dtype_name(writer.main_dtype)
         _write_json(tmp / CONFIG_NAME, cfg)
         _write_json(tmp / GENERATION_CONFIG_NAME,

@@ -316,11 +316,12 @@ class InternLM2ForCausalLM(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.model.tok_embeddings.weight.numel() + self.output.weight.numel()
+            n -= sum(m.weight.numel() for m in (self.model.tok_embeddings,
+                                                getattr(self, "output", None)) if m is not None)
         return n
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.output.weight
+        p = self.model.tok_embeddings.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     # -- forward ---------------------------------------------------------------------------
@@ -418,7 +419,7 @@ class InternLM2ForCausalLM(nn.Module):
             else:
                 key_mask = attention_mask
         if doc_ids is not None and _varlen_attn is not None and doc_ids.is_cuda \
-                and self.output.weight.dtype in (torch.float16, torch.bfloat16):
+                and self.model.tok_embeddings.weight.dtype in (torch.float16, torch.bfloat16):
             cu, max_len = _cu_seqlens_from_doc_ids(doc_ids)
             return _AttnContext(cu_seqlens=cu, max_len=max_len)
         if key_mask is None and doc_ids is None and (past == 0 or t == 1):
@@ -433,6 +434,51 @@ class InternLM2ForCausalLM(nn.Module):
         # A padding query sees no valid key; let it see itself so no row is all -inf.
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
         return _AttnContext(mask=allowed[:, None])
+
+
+class InternLM2ForRewardModel(InternLM2ForCausalLM):
+    """The InternLM2 reward model (as the released internlm2-*-reward checkpoints): the same
+    decoder with the vocabulary head replaced by a scalar head `v_head` [1, hidden].
+
+    `model(input_ids, ...)` returns one fp32 value per position [B, T] (PPO's critic uses
+    them all); `score()` reads the value at each row's last real token, which for reward
+    scoring is the appended reward token (`config.extra["reward_token_id"]`)."""
+
+    hf_architecture = "InternLM2ForRewardModel"
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        nn.Module.__init__(self)
+        self.config = config
+        self.model = InternLM2Model(config, device, dtype)
+        self.v_head = nn.Linear(config.hidden_size, 1, bias=False, device=device, dtype=dtype)
+        self.rotary = RotaryTable()
+
+    @property
+    def reward_token_id(self) -> int | None:
+        return self.config.extra.get("reward_token_id")
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        kwargs.pop("return_hidden", None)
+        kwargs.pop("logits_to_keep", None)
+        h = super().forward(input_ids, return_hidden=True, **kwargs)
+        return self.v_head(h).squeeze(-1).float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              **kwargs) -> torch.Tensor:
+        """One score per row [B]: the value at the last real token (left or right padding)."""
+        values = self(input_ids, attention_mask=attention_mask, **kwargs)
+        return gather_last(values, attention_mask)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """values [B, T] at each row's last position where attention_mask is 1 (the last column
+    without a mask)."""
+    if attention_mask is None:
+        return values[:, -1]
+    m = attention_mask.to(values.device).long()
+    t = m.shape[1]
+    idx = (m * torch.arange(1, t + 1, device=m.device)).argmax(-1)
+    return values.gather(1, idx[:, None]).squeeze(1)
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu",
@@ -457,6 +503,6 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + attn
 
 
-__all__ = ["RMSNorm", "KVCache", "InternLM2ForCausalLM", "build_model", "rope_theta",
+__all__ = ["RMSNorm", "KVCache", "InternLM2ForCausalLM", "InternLM2ForRewardModel", "gather_last", "build_model", "rope_theta",
            "RotaryTable", "rotary_cos_sin", "apply_rotary", "positions_from_doc_ids", "flops_per_token",
            "doc_ids_from_cu_seqlens"]

@@ -84,8 +84,23 @@ def builtin_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_main(args: argparse.Namespace) -> int:
+    from ..align.data import check_file
+    bad = 0
+    for path in args.files:
+        count, problems = check_file(path, args.kind)
+        for p in problems[:args.max_problems or None]:
+            print(p)
+        if len(problems) > (args.max_problems or len(problems)):
+            print(f"{path}: ... {len(problems) - args.max_problems} more problem(s)")
+        print(f"{path}: {count} record(s), {len(problems)} problem(s)"
+              + ("" if problems else f": valid {args.kind} data"), file=sys.stderr)
+        bad += len(problems)
+    return 1 if bad else 0
+
+
 def add_cli(subparsers) -> None:
-    """Add the `data` command group (run, builtin, train-classifier)."""
+    """Add the `data` command group (run, builtin, train-classifier, check)."""
     p = subparsers.add_parser("data", help="data pipeline: run, builtin corpus, train-classifier",
                               description="The pretraining data pipeline (report section 3.1).")
     sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -126,6 +141,14 @@ def add_cli(subparsers) -> None:
     b.add_argument("--code-files", type=int, help="stdlib files to sample (default: all)")
     b.add_argument("--synthetic", type=int, help="synthetic documents")
     b.set_defaults(func=builtin_main)
+
+    c = sub.add_parser("check", help="validate SFT / preference / PPO-prompt jsonl files",
+                       description="Report every problem of alignment data files at once, each "
+                                   "with file, line and field. Exit status 1 when any.")
+    c.add_argument("files", nargs="+", help="jsonl files")
+    c.add_argument("--kind", required=True, choices=("sft", "pref", "prompt"))
+    c.add_argument("--max-problems", type=int, default=0, help="print at most N per file (0: all)")
+    c.set_defaults(func=check_main)
 
     from .quality import add_cli as add_quality_cli
     add_quality_cli(sub)
