@@ -19,15 +19,25 @@ adapter kept in OUT/adapter). Report recipe: AdamW lr 4e-5, one epoch.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..train import loop
 from . import data as D
-from .trainer import FinetuneArgs, Stage, add_finetune_args, args_from, log, run_finetune, setup_env
+from .trainer import (
+    FinetuneArgs,
+    Stage,
+    add_finetune_args,
+    args_from,
+    log,
+    run_finetune,
+    setup_env,
+)
 
 
 def load_conversations(paths: Sequence[str | Path]) -> list[dict]:
@@ -53,6 +63,19 @@ def pack_file(paths: Sequence[str | Path], tokenizer: Any, seq_len: int, seed: i
     return rows, stats
 
 
+def rank_batches(rows: Sequence[dict], rank: int, world: int, micro: int) -> list[dict]:
+    """This rank's share of `rows` as micro-batches; every rank gets the same number of
+    batches (short shares are topped up with rows that have no targets), so sharded models
+    run the same collectives everywhere."""
+    mine = list(rows[rank::world])
+    per_rank = math.ceil(len(rows) / world)
+    if mine or per_rank:
+        blank = {**(mine or list(rows))[0]}
+        blank["labels"] = np.full_like(blank["labels"], D.IGNORE_INDEX)
+        mine += [blank] * (per_rank - len(mine))
+    return [D.collate(mine[i:i + micro]) for i in range(0, len(mine), micro)]
+
+
 def sft_stage(args: FinetuneArgs, data: Sequence[str], val_data: Sequence[str] | None,
               seq_len: int, tokenizer: Any, env) -> Stage:
     from ..hf import load_model
@@ -62,10 +85,8 @@ def sft_stage(args: FinetuneArgs, data: Sequence[str], val_data: Sequence[str] |
         f"{stats['target_tokens']} assistant tokens", env)
     val_batches: list[dict] = []
     if val_data:
-        vrows, vstats = pack_file(val_data, tokenizer, seq_len, args.seed)
-        mine = vrows[env.rank::env.world]
-        val_batches = [D.collate(mine[i:i + args.micro_batch_size])
-                       for i in range(0, len(mine), args.micro_batch_size)]
+        vrows, _ = pack_file(val_data, tokenizer, seq_len, args.seed)
+        val_batches = rank_batches(vrows, env.rank, env.world, args.micro_batch_size)
         stats["val_rows"] = len(vrows)
 
     def build(device: torch.device):

@@ -71,6 +71,7 @@ class FinetuneArgs:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     activation_checkpointing: bool = False
+    stop_at: int = 0  # > 0: stop after this step with a checkpoint, as if interrupted
 
     def validate(self) -> None:
         if not self.out:
@@ -105,6 +106,7 @@ def add_finetune_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
         "log_every": "log every N steps", "lora_r": "LoRA rank (0 = full fine-tuning)",
         "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
         "activation_checkpointing": "recompute every layer in backward (saves memory)",
+        "stop_at": "stop after step N with a checkpoint, as a signal would (0 = off)",
     }
     for f in fields(FinetuneArgs):
         if f.name == "progress":
@@ -349,6 +351,8 @@ def run_finetune(args: FinetuneArgs, stage: Stage, env: Env | None = None) -> di
             want_stop = stop.agreed(env.group, dev) if env.world > 1 else bool(stop.requested)
             if want_stop:
                 stopped = stop.requested or "a signal on another rank"
+            elif args.stop_at and step >= args.stop_at and step < total:
+                stopped = want_stop = f"--stop-at {args.stop_at}"
             if (args.save_every and step % args.save_every == 0) or want_stop or step == total:
                 save(step)
             if want_stop:
