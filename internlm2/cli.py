@@ -14,6 +14,8 @@ _COMMAND_MODULES = [
     "internlm2.data.cli",    # data run|builtin|train-classifier
     "internlm2.train.pretrain",  # pretrain
     "internlm2.align.sft",   # sft
+    "internlm2.align.lora",  # lora merge
+    "internlm2.align.dpo",   # dpo
     "internlm2.speedrun",    # speedrun
 ]
 
