@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "internlm2.train.pretrain",  # pretrain
     "internlm2.align.sft",   # sft
     "internlm2.align.lora",  # lora merge
+    "internlm2.align.reward",  # reward train|score
     "internlm2.align.dpo",   # dpo
     "internlm2.speedrun",    # speedrun
 ]

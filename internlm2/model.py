@@ -461,7 +461,9 @@ class InternLM2ForRewardModel(InternLM2ForCausalLM):
         kwargs.pop("return_hidden", None)
         kwargs.pop("logits_to_keep", None)
         h = super().forward(input_ids, return_hidden=True, **kwargs)
-        return self.v_head(h).squeeze(-1).float()
+        out = self.v_head(h).squeeze(-1)
+        # a fresh tensor, not a view (FSDP2 warns about modules returning views)
+        return out.float() if out.dtype != torch.float32 else out.clone()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               **kwargs) -> torch.Tensor:

@@ -100,6 +100,59 @@ def sft_stage(args: FinetuneArgs, data: Sequence[str], val_data: Sequence[str] |
                  tokenizer=tokenizer, eval_fn=eval_fn if val_data else None, info=stats)
 
 
+def chat_checks(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_tokens: int = 96,
+                batch_size: int = 16) -> dict:
+    """Does the model follow the chat format? For each record, generate the first assistant
+    turn (greedy) and check it the way a client would parse it: the turn ends with <|im_end|>;
+    where the reference turn calls a tool, the reply holds a call whose JSON parses, names a
+    tool of the prompt and has its required arguments; where it does not, the reply holds no
+    action block. Returns shares and a few samples."""
+    from ..chat_format import IM_END, parse_output, render_chat_ids
+    from ..generate import GenerationConfig, collect, generate
+    prompts, wants = [], []
+    for rec in records:
+        msgs = rec["messages"]
+        i = next((k for k, m in enumerate(msgs) if m["role"] == "assistant"), None)
+        if i is None or any(m.get("code") is not None for m in msgs):
+            continue
+        ids, _ = render_chat_ids(msgs[:i], tokenizer, tools=rec.get("tools"),
+                                 add_generation_prompt=True)
+        prompts.append(ids)
+        tools = {}
+        for t in rec.get("tools") or []:
+            fn = t.get("function", t)
+            tools[fn["name"]] = set((fn.get("parameters") or {}).get("required", []))
+        wants.append((bool(msgs[i].get("tool_calls")), tools))
+    stop = [i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stop)
+    was = model.training
+    model.eval()
+    outs = []
+    for j in range(0, len(prompts), batch_size):
+        outs += collect(generate(model, prompts[j:j + batch_size], cfg))
+    model.train(was)
+    stopped = tool_ok = tool_n = plain_ok = plain_n = 0
+    samples = []
+    for (want_call, tools), c in zip(wants, outs):
+        text = tokenizer.decode(c.output_ids)
+        stopped += c.finish_reason == "stop"
+        parsed = parse_output(text)
+        if want_call:
+            tool_n += 1
+            tool_ok += any(call.name in tools and tools[call.name] <= set(call.arguments)
+                           for call in parsed.tool_calls)
+        else:
+            plain_n += 1
+            plain_ok += not parsed.tool_calls and "<|action_start|>" not in text
+        if len(samples) < 6:
+            samples.append(text[:300])
+    n = max(1, len(outs))
+    return {"prompts": len(outs), "ends_turn": stopped / n,
+            "tool_call_valid": tool_ok / tool_n if tool_n else None, "tool_prompts": tool_n,
+            "plain_without_action": plain_ok / plain_n if plain_n else None,
+            "samples": samples}
+
+
 def main(ns: argparse.Namespace) -> int:
     from .trainer import load_tokenizer_of
     args = args_from(ns)
@@ -124,4 +177,4 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["add_cli", "load_conversations", "main", "pack_file", "sft_stage"]
+__all__ = ["add_cli", "chat_checks", "load_conversations", "main", "pack_file", "rank_batches", "sft_stage"]
