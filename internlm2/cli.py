@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "internlm2.align.sft",   # sft
     "internlm2.align.lora",  # lora merge
     "internlm2.align.reward",  # reward train|score
+    "internlm2.align.ppo",   # ppo
     "internlm2.align.dpo",   # dpo
     "internlm2.speedrun",    # speedrun
 ]

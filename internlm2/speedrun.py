@@ -50,6 +50,11 @@ class Settings:
     def pretrain_steps(self) -> int:
         return 30 if self.quick else 300
 
+    # alignment sizes: (SFT conversations, preference pairs, PPO prompts), train + val
+    @property
+    def align_sizes(self) -> tuple[int, int, int]:
+        return (400, 300, 80) if self.quick else (3000, 2000, 400)
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -162,6 +167,103 @@ def stage_pretrain(s: Settings) -> dict:
             "models": {"base": str(s.out / "base"), "internlm2": str(s.out / "internlm2")}}
 
 
+def stage_align_data(s: Settings) -> dict:
+    """Generated bilingual alignment data: SFT conversations (tool and interpreter calls
+    included), preference pairs in four domains, PPO prompts; train and validation files."""
+    from .align.synth import build_alignment_data
+    n_sft, n_pref, n_prompts = s.align_sizes
+    paths = build_alignment_data(s.out / "align", n_sft=n_sft, n_pref=n_pref,
+                                 n_prompts=n_prompts, seed=s.seed)
+    return {k: {"path": str(v), "records": sum(1 for _ in open(v, encoding="utf-8"))}
+            for k, v in paths.items()}
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    import shutil
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+    shutil.copytree(src, dst)
+
+
+def stage_sft(s: Settings) -> dict:
+    """SFT of the enhanced model (`internlm2/`) on the generated conversations -> chat-sft/;
+    then a check that it follows the chat format and calls tools with valid JSON."""
+    from .align import sft
+    from .align.synth import read_jsonl
+    from .align.trainer import FinetuneArgs, run_finetune, setup_env
+    from .hf import load_model
+    from .tokenizer import load_tokenizer
+    a = s.out / "align"
+    tok = load_tokenizer(s.out / "internlm2")
+    args = FinetuneArgs(model=str(s.out / "internlm2"), out=str(s.out / "sft"), lr=2e-3,
+                        min_lr=2e-4, epochs=2 if s.quick else 3, batch_size=16,
+                        micro_batch_size=8, warmup_ratio=0.05, progress=False, log_every=10,
+                        resume="auto", seed=s.seed)
+    env = setup_env()
+    stage = sft.sft_stage(args, [str(a / "sft.jsonl")], [str(a / "sft_val.jsonl")], 1024, tok, env)
+    summary = run_finetune(args, stage, env)
+    _copy_model(s.out / "sft" / "model", s.out / "chat-sft")
+    model = load_model(s.out / "chat-sft")
+    held = read_jsonl(a / "sft_val.jsonl")[:32 if s.quick else 96]
+    checks = sft.chat_checks(model, tok, held)
+    return {"steps": summary["steps"], "val_loss": summary.get("val_loss"),
+            "train_loss": summary.get("final_loss"), "checks": checks,
+            "model": str(s.out / "chat-sft")}
+
+
+def stage_rm(s: Settings) -> dict:
+    """The conditional reward model from chat-sft/ on the generated preference pairs -> rm/."""
+    from .align.reward import train_reward
+    from .align.synth import read_jsonl
+    from .align.trainer import FinetuneArgs
+    a = s.out / "align"
+    args = FinetuneArgs(model=str(s.out / "chat-sft"), out=str(s.out / "rm-train"), lr=5e-4,
+                        min_lr=5e-5, weight_decay=0.01, epochs=1 if s.quick else 2,
+                        batch_size=16, micro_batch_size=8, warmup_ratio=0.05, progress=False,
+                        log_every=10, resume="auto", seed=s.seed)
+    summary = train_reward(args, read_jsonl(a / "pref.jsonl"), read_jsonl(a / "pref_val.jsonl"),
+                           max_len=512)
+    _copy_model(s.out / "rm-train" / "model", s.out / "rm")
+    return {"steps": summary["steps"], "train_loss": summary.get("final_loss"),
+            **{k: v for k, v in summary.items() if k.startswith("val_")},
+            "model": str(s.out / "rm")}
+
+
+def stage_ppo(s: Settings) -> dict:
+    """Online PPO from chat-sft/ against rm/ with Fast Path rounds -> chat/ (also final/)."""
+    from .align.ppo import PPOConfig, run_ppo
+    from .align.synth import read_jsonl
+    a = s.out / "align"
+    cfg = PPOConfig(actor_lr=2e-5, critic_lr=5e-5, rounds=2, iterations=3 if s.quick else 6,
+                    critic_warmup=1 if s.quick else 3, rollout_batch=16 if s.quick else 32,
+                    max_new_tokens=48, micro_batch_size=8, ptx_seq_len=512, eval_every=0,
+                    max_eval_prompts=16 if s.quick else 48, fastpath_prompts=16 if s.quick else 32,
+                    fastpath_min_pairs=4, seed=s.seed, max_prompt_len=512, rm_max_len=512)
+    summary = run_ppo(cfg, actor=str(s.out / "chat-sft"), reward=str(s.out / "rm"),
+                      prompts=read_jsonl(a / "prompts.jsonl"),
+                      val_prompts=read_jsonl(a / "prompts_val.jsonl"), out=str(s.out / "ppo"),
+                      ptx_data=[str(a / "sft.jsonl")], resume="auto", progress=False)
+    _copy_model(Path(summary["model"]), s.out / "chat")
+    final = s.out / "final"
+    if final.is_symlink() or final.exists():
+        final.unlink() if final.is_symlink() else _copy_model(s.out / "chat", final)
+    if not final.exists():
+        final.symlink_to("chat", target_is_directory=True)
+    from .train.loop import read_metrics
+    rows = read_metrics(s.out / "ppo" / "metrics.jsonl")
+    keys = ("round", "iteration", "phase", "reward", "kl", "entropy", "response_length",
+            "value_loss", "clip_frac", "val_reward")
+    curve = [{k: r[k] for k in keys if k in r} for r in rows]
+    fast = []
+    for f in sorted((s.out / "ppo").glob("round*/fastpath.json")):
+        rep = json.loads(f.read_text())
+        fast.append({"round": f.parent.name, "findings": rep.get("findings", []),
+                     "pairs": rep.get("pairs", rep.get("num_pairs"))})
+    return {"steps": summary.get("steps"), "curve": curve, "fastpath": fast,
+            "final": {k: v for k, v in summary.items() if k not in ("model", "reward_model")},
+            "model": str(s.out / "chat")}
+
+
 def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
     """Held-out-ish samples per kind for compression figures (last documents of each file)."""
     out: dict[str, list[str]] = {"english": [], "chinese": [], "code": []}
@@ -247,10 +349,64 @@ def stage_report(s: Settings) -> dict:
             lines.append(f"| {ph} | {fmt(v['first'])} | {fmt(v['last'])} |")
         lines += ["", "Model folders: `base/` (after the long-context phase), `internlm2/` "
                   "(after the enhancement phase)."]
+    lines += _align_report(stages)
     pending = [n for n in PENDING_STAGES]
     lines += ["", "## Stages not built yet", "", ", ".join(pending) + "."]
     (s.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"report": str(s.out / "report.md")}
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
+
+
+def _align_report(stages: dict) -> list[str]:
+    lines: list[str] = []
+    if "align_data" in stages:
+        f = stages["align_data"]["figures"]
+        lines += ["", "## Alignment data (generated)", "", "| file | records |", "|---|---|"]
+        lines += [f"| {k}.jsonl | {v['records']} |" for k, v in f.items()]
+    if "sft" in stages:
+        f = stages["sft"]["figures"]
+        c = f["checks"]
+        lines += ["", "## SFT", "",
+                  f"{f['steps']} steps from `internlm2/`; train loss {_num(f['train_loss'])}, "
+                  f"held-out loss {_num(f['val_loss'])} (assistant tokens only). On "
+                  f"{c['prompts']} held-out prompts (greedy): the reply ends its turn "
+                  f"{_num(c['ends_turn'], '.0%')}; tool prompts answered with a valid call "
+                  f"(known tool, JSON arguments with the required keys) "
+                  f"{_num(c['tool_call_valid'], '.0%')} of {c['tool_prompts']}; other prompts "
+                  f"answered without an action block {_num(c['plain_without_action'], '.0%')}.",
+                  "", "Samples:", ""]
+        lines += [f"- `{t[:160]!r}`" for t in c["samples"][:4]]
+        lines += ["", "Model: `chat-sft/`."]
+    if "rm" in stages:
+        f = stages["rm"]["figures"]
+        accs = {k[8:]: v for k, v in f.items() if k.startswith("val_acc_")}
+        lines += ["", "## Conditional reward model", "",
+                  f"{f['steps']} steps from `chat-sft/`; held-out pairwise accuracy "
+                  f"{_num(f.get('val_acc'))}; mean chosen / rejected score "
+                  f"{_num(f.get('val_chosen'))} / {_num(f.get('val_rejected'))}.", "",
+                  "| domain | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {_num(v)} |" for k, v in sorted(accs.items())]
+        lines += ["", "Model: `rm/` (InternLM2ForRewardModel)."]
+    if "ppo" in stages:
+        f = stages["ppo"]["figures"]
+        lines += ["", "## Online PPO (COOL RLHF)", "",
+                  "| round | iteration | phase | reward | KL | entropy | length | value loss | "
+                  "clip frac | held-out reward |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in f["curve"]:
+            lines.append("| " + " | ".join(str(r.get(k, "")) if k in ("round", "iteration", "phase")
+                                            else _num(r.get(k)) for k in
+                                            ("round", "iteration", "phase", "reward", "kl",
+                                             "entropy", "response_length", "value_loss",
+                                             "clip_frac", "val_reward")) + " |")
+        for fp in f["fastpath"]:
+            names = [x.get("detector", x.get("name")) for x in fp["findings"]] or ["none"]
+            lines.append(f"\nFast Path after {fp['round']}: findings {', '.join(map(str, names))}; "
+                         f"pairs {fp['pairs']}.")
+        lines += ["", "Model: `chat/` (also `final/`)."]
+    return lines
 
 
 STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
@@ -259,9 +415,13 @@ STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
     ("tokenizer", stage_tokenizer),
     ("shards", stage_shards),
     ("pretrain", stage_pretrain),
+    ("align_data", stage_align_data),
+    ("sft", stage_sft),
+    ("rm", stage_rm),
+    ("ppo", stage_ppo),
     ("report", stage_report),
 ]
-PENDING_STAGES = ["sft", "reward model", "ppo", "eval"]
+PENDING_STAGES = ["eval"]
 
 
 def run(s: Settings, force: list[str] | None = None, log=print) -> dict:
@@ -302,6 +462,8 @@ def main(args: argparse.Namespace) -> int:
     s = Settings(out=Path(args.out), quick=args.quick, seed=args.seed)
     run(s, force=args.force)
     print(f"\nreport: {s.out / 'report.md'}")
+    if (s.out / "final").exists():
+        print(f"chat with it:  internlm2 chat --model {s.out / 'final'}")
     print("stages still to come: " + ", ".join(PENDING_STAGES), file=sys.stderr)
     return 0
 

@@ -106,7 +106,8 @@ def chat_checks(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_
     turn (greedy) and check it the way a client would parse it: the turn ends with <|im_end|>;
     where the reference turn calls a tool, the reply holds a call whose JSON parses, names a
     tool of the prompt and has its required arguments; where it does not, the reply holds no
-    action block. Returns shares and a few samples."""
+    action block. An empty reply counts as a failure everywhere. Returns shares and a few
+    samples."""
     from ..chat_format import IM_END, parse_output, render_chat_ids
     from ..generate import GenerationConfig, collect, generate
     prompts, wants = [], []
@@ -135,7 +136,7 @@ def chat_checks(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_
     samples = []
     for (want_call, tools), c in zip(wants, outs):
         text = tokenizer.decode(c.output_ids)
-        stopped += c.finish_reason == "stop"
+        stopped += c.finish_reason == "stop" and bool(text.strip())  # a real turn, ended
         parsed = parse_output(text)
         if want_call:
             tool_n += 1
@@ -143,7 +144,8 @@ def chat_checks(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_
                            for call in parsed.tool_calls)
         else:
             plain_n += 1
-            plain_ok += not parsed.tool_calls and "<|action_start|>" not in text
+            plain_ok += (not parsed.tool_calls and "<|action_start|>" not in text
+                         and bool(text.strip()))
         if len(samples) < 6:
             samples.append(text[:300])
     n = max(1, len(outs))

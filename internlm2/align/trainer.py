@@ -313,7 +313,9 @@ def run_finetune(args: FinetuneArgs, stage: Stage, env: Env | None = None) -> di
         while step < total:
             t0 = time.perf_counter()
             idx = _step_indices(n, step, steps_per_epoch, batch, args.seed)
-            idx = idx[:len(idx) // dp * dp]
+            if len(idx) % dp:  # every rank gets the same share: repeat a few examples
+                short = dp - len(idx) % dp
+                idx = idx + (idx * short)[:short]
             mine = idx[env.rank::dp]
             micro = [stage.collate([stage.examples[i] for i in mine[j:j + args.micro_batch_size]])
                      for j in range(0, len(mine), args.micro_batch_size)]
