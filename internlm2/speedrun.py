@@ -48,12 +48,12 @@ class Settings:
 
     @property
     def pretrain_steps(self) -> int:
-        return 30 if self.quick else 300
+        return 30 if self.quick else 200
 
     # alignment sizes: (SFT conversations, preference pairs, PPO prompts), train + val
     @property
     def align_sizes(self) -> tuple[int, int, int]:
-        return (400, 300, 80) if self.quick else (3000, 2000, 400)
+        return (200, 160, 40) if self.quick else (2000, 1000, 400)
 
 
 def _peak_rss_mb() -> float:
@@ -196,7 +196,7 @@ def stage_sft(s: Settings) -> dict:
     a = s.out / "align"
     tok = load_tokenizer(s.out / "internlm2")
     args = FinetuneArgs(model=str(s.out / "internlm2"), out=str(s.out / "sft"), lr=2e-3,
-                        min_lr=2e-4, epochs=2 if s.quick else 3, batch_size=16,
+                        min_lr=2e-4, epochs=2, max_steps=8 if s.quick else 0, batch_size=16,
                         micro_batch_size=8, warmup_ratio=0.05, progress=False, log_every=10,
                         resume="auto", seed=s.seed)
     env = setup_env()
@@ -204,7 +204,7 @@ def stage_sft(s: Settings) -> dict:
     summary = run_finetune(args, stage, env)
     _copy_model(s.out / "sft" / "model", s.out / "chat-sft")
     model = load_model(s.out / "chat-sft")
-    held = read_jsonl(a / "sft_val.jsonl")[:32 if s.quick else 96]
+    held = read_jsonl(a / "sft_val.jsonl")[:12 if s.quick else 64]
     checks = sft.chat_checks(model, tok, held)
     return {"steps": summary["steps"], "val_loss": summary.get("val_loss"),
             "train_loss": summary.get("final_loss"), "checks": checks,
@@ -218,7 +218,7 @@ def stage_rm(s: Settings) -> dict:
     from .align.trainer import FinetuneArgs
     a = s.out / "align"
     args = FinetuneArgs(model=str(s.out / "chat-sft"), out=str(s.out / "rm-train"), lr=5e-4,
-                        min_lr=5e-5, weight_decay=0.01, epochs=1 if s.quick else 2,
+                        min_lr=5e-5, weight_decay=0.01, epochs=1, max_steps=6 if s.quick else 0,
                         batch_size=16, micro_batch_size=8, warmup_ratio=0.05, progress=False,
                         log_every=10, resume="auto", seed=s.seed)
     summary = train_reward(args, read_jsonl(a / "pref.jsonl"), read_jsonl(a / "pref_val.jsonl"),
@@ -234,10 +234,11 @@ def stage_ppo(s: Settings) -> dict:
     from .align.ppo import PPOConfig, run_ppo
     from .align.synth import read_jsonl
     a = s.out / "align"
-    cfg = PPOConfig(actor_lr=2e-5, critic_lr=5e-5, rounds=2, iterations=3 if s.quick else 6,
-                    critic_warmup=1 if s.quick else 3, rollout_batch=16 if s.quick else 32,
-                    max_new_tokens=48, micro_batch_size=8, ptx_seq_len=512, eval_every=0,
-                    max_eval_prompts=16 if s.quick else 48, fastpath_prompts=16 if s.quick else 32,
+    q = s.quick
+    cfg = PPOConfig(actor_lr=2e-5, critic_lr=5e-5, rounds=2, iterations=2 if q else 6,
+                    critic_warmup=1 if q else 3, rollout_batch=8 if q else 32,
+                    max_new_tokens=24 if q else 48, micro_batch_size=8, ptx_seq_len=512,
+                    eval_every=0, max_eval_prompts=8 if q else 48, fastpath_prompts=8 if q else 32,
                     fastpath_min_pairs=4, seed=s.seed, max_prompt_len=512, rm_max_len=512)
     summary = run_ppo(cfg, actor=str(s.out / "chat-sft"), reward=str(s.out / "rm"),
                       prompts=read_jsonl(a / "prompts.jsonl"),

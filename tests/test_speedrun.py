@@ -1,6 +1,7 @@
 """`internlm2 speedrun --quick` end to end: every stage's output is checked, not just the exit."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -44,8 +45,31 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
         assert model.config.rope_theta == theta and model.config.vocab_size == tok.vocab_size
         assert load_tokenizer(out / name).vocab_size == tok.vocab_size
 
+    # alignment: generated data, SFT with its chat checks, the reward model, PPO rounds
+    align = json.loads((out / "stages" / "align_data.json").read_text())["figures"]
+    assert all(align[k]["records"] > 0 for k in ("sft", "pref", "prompts", "sft_val"))
+    sft = json.loads((out / "stages" / "sft.json").read_text())["figures"]
+    assert sft["steps"] > 0 and math.isfinite(sft["val_loss"])
+    assert sft["checks"]["prompts"] > 0 and sft["checks"]["tool_prompts"] > 0
+    rm_fig = json.loads((out / "stages" / "rm.json").read_text())["figures"]
+    assert 0.0 <= rm_fig["val_acc"] <= 1.0 and any(k.startswith("val_acc_") for k in rm_fig)
+    rm = load_model(out / "rm")
+    assert type(rm).__name__ == "InternLM2ForRewardModel"
+    assert 0 <= rm.config.extra["reward_token_id"] < tok.vocab_size
+    ppo = json.loads((out / "stages" / "ppo.json").read_text())["figures"]
+    phases = [r.get("phase") for r in ppo["curve"]]
+    assert "critic_warmup" in phases and phases.count("ppo") >= 2
+    assert all(math.isfinite(r["reward"]) and math.isfinite(r["kl"]) for r in ppo["curve"]
+               if "reward" in r)
+    assert len(ppo["fastpath"]) >= 1 and (out / "ppo" / "round1" / "fastpath.json").is_file()
+    for name in ("chat-sft", "chat", "final"):
+        model = load_model(out / name)
+        assert type(model).__name__ == "InternLM2ForCausalLM"
+    assert (out / "final").resolve() == (out / "chat").resolve()
+
     report = (out / "report.md").read_text()
-    for section in ("Data pipeline", "Tokenizer", "Token shards", "Pretraining"):
+    for section in ("Data pipeline", "Tokenizer", "Token shards", "Pretraining", "## SFT",
+                    "Conditional reward model", "Online PPO"):
         assert section in report
 
     # a rerun skips finished stages; --force redoes one and those after it
