@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mask_runs
 
 from internlm2.align import data as D
 from internlm2.align import losses as L
@@ -64,23 +65,11 @@ def tok(tmp_path_factory):
     return train_tokenizer([text], vocab_size=512)
 
 
-def _runs(ids, mask):
-    runs, cur = [], []
-    for i, m in zip(ids, mask):
-        if m:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return runs
-
 
 @pytest.mark.parametrize("name,conv", [("multi", MULTI_TURN), ("tool", TOOL_CONV)])
 def test_loss_mask_covers_exactly_the_assistant_output(tok, name, conv):
     e = D.encode_sft(conv, tok)
-    runs = [tok.decode(r) for r in _runs(e.ids, e.mask)]
+    runs = [tok.decode(r) for r in mask_runs(e.ids, e.mask)]
     assert runs == EXPECTED[name]
     # and the ids are the tokenization of the official rendering
     assert tok.decode(e.ids) == render_chat(conv["messages"], tools=conv.get("tools"),
@@ -91,7 +80,7 @@ def test_loss_false_turn_is_not_trained(tok):
     conv = json.loads(json.dumps(MULTI_TURN))
     conv["messages"][2]["loss"] = False
     e = D.encode_sft(conv, tok)
-    assert [tok.decode(r) for r in _runs(e.ids, e.mask)] == ["3 + 5 = 8.<|im_end|>"]
+    assert [tok.decode(r) for r in mask_runs(e.ids, e.mask)] == ["3 + 5 = 8.<|im_end|>"]
 
 
 def test_validation_names_line_and_field(tmp_path):

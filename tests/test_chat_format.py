@@ -8,10 +8,20 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import mask_runs
 
 from internlm2.chat_format import (
-    DEFAULT_INTERPRETER_PROMPT, ChatFormatError, CodeDelta, ContentDelta, ParsedOutput,
-    StreamParser, ToolCallDelta, ToolCallStart, parse_output, render_chat, render_chat_ids,
+    DEFAULT_INTERPRETER_PROMPT,
+    ChatFormatError,
+    CodeDelta,
+    ContentDelta,
+    ParsedOutput,
+    StreamParser,
+    ToolCallDelta,
+    ToolCallStart,
+    parse_output,
+    render_chat,
+    render_chat_ids,
     to_openai_message,
 )
 
@@ -230,18 +240,6 @@ TOOLS = [None, [WEATHER_TOOL], None]
 INTERP = [None, None, True]
 
 
-def _runs(ids, mask):
-    runs, cur = [], []
-    for i, b in zip(ids, mask):
-        if b:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return runs
-
 
 @pytest.mark.parametrize("k", range(len(TYPICAL)))
 def test_ids_equal_encoding_of_rendered_text(tok, k):
@@ -264,7 +262,7 @@ def test_loss_mask_covers_exactly_assistant_replies(tok, k):
     replies = [render_chat([m], add_generation_prompt=False, bos=False)
                .removeprefix("<|im_start|>assistant\n").removesuffix("\n")
                for m in msgs if m["role"] == "assistant"]
-    assert [tok.decode(r) for r in _runs(ids, mask)] == replies
+    assert [tok.decode(r) for r in mask_runs(ids, mask)] == replies
     assert all(r.endswith("<|im_end|>") for r in replies)
     # <|action_start|>/<|action_end|> of the call are trained on.
     if k == 1:
@@ -283,7 +281,7 @@ def test_loss_false_and_generation_prompt(tok):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "loss": False},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     ids, mask = render_chat_ids(msgs, tok)
-    assert [tok.decode(r) for r in _runs(ids, mask)] == ["d<|im_end|>"]
+    assert [tok.decode(r) for r in mask_runs(ids, mask)] == ["d<|im_end|>"]
     assert ids == tok.encode(render_chat(msgs, add_generation_prompt=False), add_bos=False)
     ids, mask = render_chat_ids(msgs[:3], tok, add_generation_prompt=True)
     assert sum(mask) == 0

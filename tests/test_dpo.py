@@ -25,6 +25,8 @@ CFG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 STORY = ("Tell me a story about the quick brown fox.",
          "The quick brown fox jumps over the lazy dog and runs home.")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def arith_pairs(n, seed):
     """Correct vs wrong sums of two digits 0-4 (25 prompts: learnable by a tiny model)."""
@@ -46,14 +48,6 @@ def story_pair():
                        {"role": "assistant", "content": "Hello! How can I help you today?"},
                        {"role": "user", "content": STORY[0]}],
             "chosen": STORY[1], "rejected": "I am not sure."}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on shared busy cores one thread is several times faster
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,8 @@ from internlm2.align import losses as L
 from internlm2.align import ppo
 from internlm2.config import ModelConfig
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on shared busy cores: one thread is many times faster
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- GAE and the PPO loss pieces --------------------------------------------------------------
@@ -178,6 +170,21 @@ def test_length_explosion_found_and_pairs_prefer_early():
     assert [x.name for x in rep.findings] == ["length_explosion"] and len(rep.pairs) == 25
     few = FP.run_fast_path(early, late[:10], [FP.LengthExplosion(1.5, 4)], min_pairs=20)
     assert few.pairs == [] and "skipped" in few.findings[0].stats
+
+
+def test_length_collapse_found_and_pairs_prefer_early():
+    early = [_s(i, "a full answer here", length=8 + i % 3) for i in range(24)]  # mean 9
+    late = [_s(i, "ok", length=1 + i % 2) for i in range(24)]  # mean 1.5
+    det = FP.LengthCollapse(factor=2.0, max_length=4)
+    f = det.detect(early, late)
+    assert f is not None and f.stats["threshold"] == pytest.approx(4.0)  # min(4, 9 / 2)
+    pairs = FP.build_pairs(det, early, late)
+    assert len(pairs) == 24
+    assert all(p["chosen"][0]["content"] == "a full answer here" and
+               p["rejected"][0]["content"] == "ok" for p in pairs)
+    steady = [_s(i, "fine", length=6 + i % 2) for i in range(24)]  # mean 6.5: not a collapse
+    assert FP.LengthCollapse(factor=2.0, max_length=4).detect(early, steady) is None
+    assert "length_collapse" in [d.name for d in FP.default_detectors()]
 
 
 def test_repetition_and_format_gaming(tmp_path):

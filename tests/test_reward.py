@@ -37,6 +37,8 @@ THINGS = ("apple", "river", "garden", "train", "violin", "castle", "forest", "ki
           "bridge", "island", "teapot")
 TOPICS = [f"{c} {t}" for c in COLORS for t in THINGS]  # 96
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def arith_pair(a, b, k):
     return {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
@@ -63,14 +65,6 @@ def style_pair(topic, domain):
     good, bad = (short, long) if domain == "concise" else (long, short)
     return {"prompt": [{"role": "user", "content": f"Tell me about the {topic}."}],
             "chosen": good, "rejected": bad, "domain": domain}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on shared busy cores one thread is several times faster
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ which may calibrate it on the early samples). Built-ins:
 
 - `LengthExplosion`: the late mean response length exceeds `factor` (1.5) x the early mean
   (and `min_length`); a sample is hacked when longer than that threshold.
+- `LengthCollapse`: the mirror image: the late mean falls below 1/`factor` (2) of the early
+  mean and under `max_length` (4) tokens (a policy that learned, often from a length patch,
+  that saying almost nothing scores); a sample is hacked when shorter than that threshold.
 - `Repetition`: the share of repeated n-grams in late responses rises above `threshold` (and
   `margin` over the early share); a sample is hacked when its own share is above `threshold`.
 - `FormatGaming`: late responses that never close the turn (cut at max_new_tokens), carry
@@ -123,6 +126,33 @@ class LengthExplosion:
         return sample.size > threshold
 
 
+class LengthCollapse:
+    """Late responses much shorter than early ones: a policy that learned the reward model
+    punishes length (often right after a length patch) and answers in a word or nothing."""
+
+    name = "length_collapse"
+
+    def __init__(self, factor: float = 2.0, max_length: float = 4.0):
+        if factor <= 1.0:
+            raise ValueError(f"LengthCollapse factor must be > 1, got {factor}")
+        self.factor, self.max_length = factor, max_length
+        self.threshold: float | None = None
+
+    def detect(self, early: Sequence[Sample], late: Sequence[Sample]) -> Finding | None:
+        em, lm = _mean(s.size for s in early), _mean(s.size for s in late)
+        self.threshold = min(self.max_length, em / self.factor)
+        stats = {"early_mean_length": em, "late_mean_length": lm, "ratio": lm / max(em, 1e-9),
+                 "factor": self.factor, "threshold": self.threshold}
+        if not early or not late or lm >= self.threshold:
+            return None
+        return Finding(self.name, f"mean response length fell {em:.1f} -> {lm:.1f} "
+                       f"(< 1/{self.factor:g} and under {self.max_length:g})", stats)
+
+    def is_hacked(self, sample: Sample) -> bool:
+        threshold = self.threshold if self.threshold is not None else self.max_length
+        return sample.size < threshold
+
+
 def repeated_ngram_share(text: str, n: int = 3) -> float:
     """Share of the n-grams of a text that repeat an earlier one (0 for fewer than n + 1 words)."""
     w = words(text)
@@ -202,8 +232,8 @@ class FormatGaming:
 def default_detectors(*, length_factor: float = 1.5, length_min: float = 8.0,
                       repetition_threshold: float = 0.3, format_regex: str | None = None,
                       ) -> list[Detector]:
-    return [LengthExplosion(length_factor, length_min), Repetition(threshold=repetition_threshold),
-            FormatGaming(format_regex)]
+    return [LengthExplosion(length_factor, length_min), LengthCollapse(),
+            Repetition(threshold=repetition_threshold), FormatGaming(format_regex)]
 
 
 # -- pairs and the report ---------------------------------------------------------------------
@@ -331,6 +361,6 @@ def _write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
 
 
 __all__ = ["ACTION_MARKERS", "SPECIAL_MARKERS", "Detector", "FastPathReport", "Finding",
-           "FormatGaming", "LengthExplosion", "Repetition", "Sample", "build_pairs",
+           "FormatGaming", "LengthCollapse", "LengthExplosion", "Repetition", "Sample", "build_pairs",
            "default_detectors", "patch_reward_model", "repeated_ngram_share", "run_fast_path", "words",
            "write_report"]

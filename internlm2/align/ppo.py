@@ -95,7 +95,7 @@ class PPOConfig:
     seed: int = 0
     truncation_penalty: float = 0.0  # subtracted from the score of responses cut at max_new_tokens
     rm_max_len: int = 1024
-    rm_use_domain: bool = True
+    rm_use_domain: bool | None = None  # None: as the reward model was trained (config.json)
     eval_every: int = 5  # iterations; 0 = at round ends only
     eval_temperature: float = 0.0  # 0 = greedy held-out evaluation
     eval_samples: int = 1
@@ -484,7 +484,8 @@ class PPOTrainer:
                 self.rm_dir, report.pairs, folder / "rm", tokenizer=self.scorer.tokenizer,
                 lr=cfg.fastpath_lr, epochs=cfg.fastpath_epochs, batch_size=cfg.fastpath_batch,
                 micro_batch_size=min(cfg.micro_batch_size, cfg.fastpath_batch),
-                max_len=cfg.rm_max_len, use_domain=cfg.rm_use_domain, seed=cfg.seed + rnd, env=env))
+                max_len=cfg.rm_max_len, use_domain=self.scorer.use_domain, seed=cfg.seed + rnd,
+                env=env))
             info["reward_model"] = self.rm_dir
             log(f"ppo: round {rnd} fast path: reward model patched with {len(report.pairs)} "
                 f"pairs -> {self.rm_dir}", env)
@@ -655,7 +656,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     base = PPOConfig()
     for f in fields(PPOConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(base, f.name)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.name == "rm_use_domain":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=default, help=f"(default {default})")
         else:

@@ -242,7 +242,10 @@ def reward_stage(args: FinetuneArgs, records: Sequence[Mapping], val_records: Se
         f"{rt}; {'domain system prompts' if use_domain else 'no domain prompt'}", env)
 
     def build(device: torch.device) -> nn.Module:
-        return init_reward_model(args.model, tokenizer, device, seed=args.seed)
+        model = init_reward_model(args.model, tokenizer, device, seed=args.seed)
+        # recorded in config.json, so scoring renders inputs the way training did
+        model.config.extra["reward_use_domain"] = use_domain
+        return model
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
         return evaluate_pairs(model, val_pairs, pad_id=pad, batch_size=args.micro_batch_size,
@@ -279,7 +282,7 @@ class RewardScorer:
 
     def __init__(self, model: str | os.PathLike | nn.Module, tokenizer: Any = None, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_len: int | None = None, use_domain: bool = True):
+                 max_len: int | None = None, use_domain: bool | None = None):
         if isinstance(model, (str, os.PathLike)):
             from ..hf import load_model, model_class
             if model_class(model) is not InternLM2ForRewardModel:
@@ -294,7 +297,9 @@ class RewardScorer:
         self.device = next(model.parameters()).device
         self.reward_token = D.reward_token_id(tokenizer, model.config)
         self.max_len = max_len or model.config.max_position_embeddings
-        self.use_domain = use_domain
+        # None: as the model was trained (config.json `reward_use_domain`, default True)
+        self.use_domain = (model.config.extra.get("reward_use_domain", True)
+                           if use_domain is None else use_domain)
 
     def encode(self, item: Mapping, domain: str | None = None) -> list[list[int]]:
         """Token ids of an item: one sequence (messages) or two (chosen, rejected)."""
@@ -394,7 +399,7 @@ def _fmt(s: Mapping[str, Any]) -> str:
 def _score_main(ns: argparse.Namespace) -> int:
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = RewardScorer(ns.model, load_tokenizer_of(ns.model, ns.tokenizer), device=device,
-                          max_len=ns.max_len, use_domain=not ns.no_domain)
+                          max_len=ns.max_len, use_domain=False if ns.no_domain else None)
     records = load_score_input(ns.input)
     results = scorer.score(records, ns.batch_size, domain=ns.domain)
     src = Path(ns.input)
