@@ -427,6 +427,25 @@ STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
 PENDING_STAGES = ["eval"]
 
 
+# What each stage writes under the run folder. A stage redone after it had finished (--force)
+# starts from a clean slate; one that crashed keeps them, so it resumes from its checkpoints.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "corpus": ("corpus",), "data": ("data",), "tokenizer": ("tokenizer",), "shards": ("shards",),
+    "pretrain": ("pretrain", "base", "internlm2"), "align_data": ("align",),
+    "sft": ("sft", "chat-sft"), "rm": ("rm-train", "rm"), "ppo": ("ppo", "chat", "final"),
+}
+
+
+def _clear_outputs(s: Settings, name: str) -> None:
+    import shutil
+    for rel in STAGE_OUTPUTS.get(name, ()):
+        p = s.out / rel
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
 def run(s: Settings, force: list[str] | None = None, log=print) -> dict:
     names = [n for n, _ in STAGES]
     force = force or []
@@ -443,6 +462,9 @@ def run(s: Settings, force: list[str] | None = None, log=print) -> dict:
             results[name] = json.loads(marker.read_text())
             continue
         log(f"[{i + 1}/{len(STAGES)}] {name} ...")
+        if marker.exists():  # finished before and redone now: no stale checkpoints to resume
+            marker.unlink()
+            _clear_outputs(s, name)
         t0 = time.perf_counter()
         figures = fn(s)
         rec = {"stage": name, "wall_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),

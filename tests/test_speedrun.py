@@ -73,7 +73,13 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
         assert section in report
 
     # a rerun skips finished stages; --force redoes one and those after it
-    r = subprocess.run(cmd + ["--force", "report"], capture_output=True, text=True, timeout=600)
+    # (a redone stage starts afresh: it must not resume from its own earlier checkpoints)
+    before = (out / "ppo" / "summary.json").stat().st_mtime_ns
+    r = subprocess.run(cmd + ["--force", "ppo"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "corpus: done earlier, skipped" in r.stdout and "pretrain: done earlier" in r.stdout
-    assert "] report ..." in r.stdout
+    assert "rm: done earlier, skipped" in r.stdout
+    assert "] ppo ..." in r.stdout and "] report ..." in r.stdout
+    assert "resumed" not in r.stdout
+    assert (out / "ppo" / "summary.json").stat().st_mtime_ns > before
+    assert (out / "final").resolve() == (out / "chat").resolve()
