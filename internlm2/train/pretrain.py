@@ -134,10 +134,23 @@ def phase_dataset(plan: PhasePlan, sources: dict, recipe: Recipe, long_min: int)
 
 class SampleStream:
     """A phase's global sample stream: `next_step(n)` reserves the next n samples (moving to
-    the next epoch when fewer are left), `state_dict()` is the packed dataset's position."""
+    the next epoch when fewer are left), `state_dict()` is the packed dataset's position.
 
-    def __init__(self, dataset):
+    `index(k)` maps stream position k to a packed sample through a seeded permutation of the
+    epoch, so one step's samples come from all over the stream: consecutive samples are cuts
+    of the same few documents (a long source file spans dozens), and a batch of them would
+    see one document instead of the mixture."""
+
+    def __init__(self, dataset, seed: int = 0):
         self.ds = dataset
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def index(self, k: int) -> int:
+        epoch = self.ds.epoch
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds)))
+        return int(self._perm[1][k])
 
     def next_step(self, n: int) -> tuple[int, int]:
         if n > len(self.ds):
@@ -416,7 +429,8 @@ def run(recipe: Recipe, out: str | Path, resume: str | None = None) -> dict:
             new_plan = next(p for p in plans if p.start <= step < p.end)
             if new_plan is not plan:  # phase switch (or start)
                 plan = new_plan
-                stream = SampleStream(phase_dataset(plan, train_src, recipe, long_min))
+                stream = SampleStream(phase_dataset(plan, train_src, recipe, long_min),
+                                      seed=tr.seed + 7919 * (plan.index + 1))
                 if data_state is not None and data_state[0] == plan.index:
                     stream.load_state_dict(data_state[1])
                 data_state = None
@@ -441,7 +455,7 @@ def run(recipe: Recipe, out: str | Path, resume: str | None = None) -> dict:
                             scale=plan.phase.lr_scale)
             loop.set_lr(optimizer, lr)
             start, n = stream.next_step(accum * mb * env.dp)
-            mine = [start + (m * env.dp + env.dp_rank) * mb + k
+            mine = [stream.index(start + (m * env.dp + env.dp_rank) * mb + k)
                     for m in range(accum) for k in range(mb)]
             micro = _batches(stream.ds, mine, mb)
             res = loop.train_step(model, optimizer, micro, max_norm=opt_cfg.grad_clip,
