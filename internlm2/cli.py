@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "internlm2.align.reward",  # reward train|score
     "internlm2.align.ppo",   # ppo
     "internlm2.align.dpo",   # dpo
+    "internlm2.eval.cli",    # eval niah|ppl|tasks|report
     "internlm2.speedrun",    # speedrun
 ]
 
