@@ -267,6 +267,51 @@ def stage_ppo(s: Settings) -> dict:
             "model": str(s.out / "chat")}
 
 
+def stage_eval(s: Settings) -> dict:
+    """Evaluation of the model versions: perplexity / bits per byte of the base and chat
+    models on held-out shards, needle in a haystack on `base/` (lengths up to twice the
+    phase-2 training length: past 2048 only dynamic NTK extrapolation holds it), the
+    project's generated tasks on `chat/`; then the report card with every plot."""
+    from .eval import niah, tasks
+    from .eval.perplexity import perplexity, read_texts
+    from .eval.report import build_report
+    from .hf import load_model
+    from .tokenizer import load_tokenizer
+    ev = s.out / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(s.out / "chat")
+    texts = read_texts([s.out / "shards" / c for c in CATEGORIES])
+    # the first ~1,500 tokens of each held-out document (stdlib files run to tens of
+    # thousands of tokens; a sliding window over all of them would dominate the stage)
+    texts = {k: [t[:6000] if isinstance(t, str) else t[:1500] for t in v[:8 if s.quick else 40]]
+             for k, v in texts.items()}
+    ppl = {}
+    for name in ("base", "chat"):
+        res = perplexity(load_model(s.out / name), tok, texts, window=512, stride=256)
+        ppl.update({f"{name}/{src}": {"nats": r["nats_per_token"], "ppl": r["perplexity"],
+                                      "bpb": r["bits_per_byte"]} for src, r in res.items()})
+    (ev / "ppl.json").write_text(json.dumps(ppl, indent=2))
+    base = load_model(s.out / "base")
+    base.config.rope_scaling = {"type": "dynamic", "factor": 2.0}  # extrapolate past 2048
+    lengths = [256, 512] if s.quick else [256, 512, 1024, 2048, 3072, 4096]
+    rows = niah.run_niah(base, tok, lengths, niah.depths(2 if s.quick else 5),
+                         niah.DEFAULT_NEEDLES["en"], repeats=1 if s.quick else 2,
+                         out_jsonl=ev / "niah.jsonl", max_new_tokens=12, prefill_chunk=1024,
+                         seed=s.seed)
+    summary = niah.summarize(rows)
+    niah.heatmap(rows, ev / "niah.png", title="NIAH, base/ (dynamic NTK x2)")
+    (ev / "niah.md").write_text(niah.markdown_table(rows) + "\n")
+    files = tasks.generate_task_files(ev / "tasks", seed=s.seed, n=16 if s.quick else 50)
+    results = tasks.run_tasks(load_model(s.out / "chat"), tok, files, shots=0,
+                              limit=8 if s.quick else None)
+    (ev / "tasks.json").write_text(json.dumps(
+        {k: {"score": v["score"], "count": v["count"]} for k, v in results.items()}, indent=2))
+    card = build_report(s.out)
+    return {"ppl": ppl, "niah_overall": summary["overall"],
+            "niah_by_length": {str(k): v for k, v in summary["by_length"].items()},
+            "tasks": {k: v["score"] for k, v in results.items()}, "report_card": str(card)}
+
+
 def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
     """Held-out-ish samples per kind for compression figures (last documents of each file)."""
     out: dict[str, list[str]] = {"english": [], "chinese": [], "code": []}
@@ -353,8 +398,21 @@ def stage_report(s: Settings) -> dict:
         lines += ["", "Model folders: `base/` (after the long-context phase), `internlm2/` "
                   "(after the enhancement phase)."]
     lines += _align_report(stages)
-    pending = [n for n in PENDING_STAGES]
-    lines += ["", "## Stages not built yet", "", ", ".join(pending) + "."]
+    if "eval" in stages:
+        f = stages["eval"]["figures"]
+        lines += ["", "## Evaluation", "", "Perplexity and bits per byte on held-out shards "
+                  "(window 512):", "", "| model / source | nats / token | bits / byte |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {_num(v['nats'])} | {_num(v['bpb'])} |" for k, v in f["ppl"].items()]
+        lines += ["", f"Needle in a haystack on `base/` with dynamic NTK x2 (trained at 2048 "
+                  f"tokens): overall {_num(f['niah_overall'])}; by length "
+                  + ", ".join(f"{k}: {_num(v)}" for k, v in f["niah_by_length"].items())
+                  + ". Heatmap: `eval/niah.png`.", "",
+                  "| task (chat/) | score |", "|---|---|"]
+        lines += [f"| {k} | {_num(v)} |" for k, v in f["tasks"].items()]
+        lines += ["", "Every plot of the run: `report_card.md`."]
+    if PENDING_STAGES:
+        lines += ["", "## Stages not built yet", "", ", ".join(PENDING_STAGES) + "."]
     (s.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"report": str(s.out / "report.md")}
 
@@ -422,9 +480,10 @@ STAGES: list[tuple[str, Callable[[Settings], dict]]] = [
     ("sft", stage_sft),
     ("rm", stage_rm),
     ("ppo", stage_ppo),
+    ("eval", stage_eval),
     ("report", stage_report),
 ]
-PENDING_STAGES = ["eval"]
+PENDING_STAGES: list[str] = []
 
 
 # What each stage writes under the run folder. A stage redone after it had finished (--force)
@@ -433,6 +492,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus",), "data": ("data",), "tokenizer": ("tokenizer",), "shards": ("shards",),
     "pretrain": ("pretrain", "base", "internlm2"), "align_data": ("align",),
     "sft": ("sft", "chat-sft"), "rm": ("rm-train", "rm"), "ppo": ("ppo", "chat", "final"),
+    "eval": ("eval", "figures", "report_card.md"),
 }
 
 
@@ -489,7 +549,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nreport: {s.out / 'report.md'}")
     if (s.out / "final").exists():
         print(f"chat with it:  internlm2 chat --model {s.out / 'final'}")
-    print("stages still to come: " + ", ".join(PENDING_STAGES), file=sys.stderr)
+    if PENDING_STAGES:
+        print("stages still to come: " + ", ".join(PENDING_STAGES), file=sys.stderr)
     return 0
 
 

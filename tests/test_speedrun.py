@@ -67,9 +67,17 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
         assert type(model).__name__ == "InternLM2ForCausalLM"
     assert (out / "final").resolve() == (out / "chat").resolve()
 
+    ev = json.loads((out / "stages" / "eval.json").read_text())["figures"]
+    assert all(math.isfinite(v["bpb"]) and v["bpb"] > 0 for v in ev["ppl"].values())
+    assert 0.0 <= ev["niah_overall"] <= 1.0 and set(ev["niah_by_length"]) == {"256", "512"}
+    assert (out / "eval" / "niah.png").read_bytes()[:4] == b"\x89PNG"
+    assert ev["tasks"] and all(0.0 <= v <= 1.0 for v in ev["tasks"].values())
+    card = (out / "report_card.md").read_text()
+    assert "![pretrain_loss](figures/pretrain_loss.png)" in card and "Needle in a haystack" in card
+
     report = (out / "report.md").read_text()
     for section in ("Data pipeline", "Tokenizer", "Token shards", "Pretraining", "## SFT",
-                    "Conditional reward model", "Online PPO"):
+                    "Conditional reward model", "Online PPO", "## Evaluation"):
         assert section in report
 
     # a rerun skips finished stages; --force redoes one and those after it
@@ -79,7 +87,7 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "corpus: done earlier, skipped" in r.stdout and "pretrain: done earlier" in r.stdout
     assert "rm: done earlier, skipped" in r.stdout
-    assert "] ppo ..." in r.stdout and "] report ..." in r.stdout
+    assert "] ppo ..." in r.stdout and "] eval ..." in r.stdout and "] report ..." in r.stdout
     assert "resumed" not in r.stdout
     assert (out / "ppo" / "summary.json").stat().st_mtime_ns > before
     assert (out / "final").resolve() == (out / "chat").resolve()
