@@ -124,8 +124,6 @@ def stage_pretrain(s: Settings) -> dict:
     """The three phases on the speedrun's shards (configs/speedrun-cpu.toml), then the
     report's model versions: base (after the long-context phase) and internlm2 (after
     enhancement)."""
-    import shutil
-
     from .tokenizer import load_tokenizer
     from .train import pretrain
     from .train.loop import read_metrics
@@ -148,9 +146,7 @@ def stage_pretrain(s: Settings) -> dict:
     if len(phases) < 3:
         raise RuntimeError(f"expected a model folder per phase under {run_dir}, found {phases}")
     for name, src in (("base", phases[1]), ("internlm2", phases[2])):
-        if (s.out / name).exists():
-            shutil.rmtree(s.out / name)
-        shutil.copytree(src, s.out / name)
+        _copy_model(src, s.out / name)
     rows = read_metrics(run_dir / "metrics.jsonl")
     per_phase: dict[int, dict] = {}
     for r in rows:
