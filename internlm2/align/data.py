@@ -225,6 +225,18 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]
                 yield n, None, f"not valid JSON ({e.msg} at column {e.colno})"
 
 
+def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; ValueError naming the file and line
+    at the first line that is not a JSON object."""
+    for n, obj, bad in iter_lines(path):
+        if bad:
+            raise ValueError(f"{path}:{n}: {bad}")
+        if not isinstance(obj, dict):
+            raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
+                f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
 def check_file(path: str | os.PathLike, kind: str) -> tuple[int, list[Problem]]:
     """(number of records, every problem) of a jsonl file of `kind`."""
     p = Path(path)
@@ -428,6 +440,7 @@ __all__ = [
     "encode_reward",
     "encode_sft",
     "iter_lines",
+    "iter_objects",
     "load_records",
     "pack_conversations",
     "pad_batch",

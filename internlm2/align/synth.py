@@ -638,20 +638,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The JSON objects of a jsonl file (blank lines skipped); errors name the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
+    from .data import iter_objects
+    return [obj for _, obj in iter_objects(path)]
 
 
 def split_records(records: Sequence[dict], val_fraction: float = 0.1,

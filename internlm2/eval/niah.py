@@ -98,29 +98,20 @@ DEFAULT_NEEDLES: dict[str, list[Needle]] = {
 def load_needles(path: str | os.PathLike) -> list[Needle]:
     """Needles from a jsonl file: one {"needle", "question", "answer"[, "lang"]} per line
     (blank lines skipped). ValueError naming the line and field on bad input."""
+    from ..align.data import iter_objects
     out: list[Needle] = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(  # noqa: TRY004 - bad file content: one clear line from the CLI
-                    f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("needle", "question", "answer"):
-                v = obj.get(k)
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k == "answer":
-                    obj[k] = v = str(v)
-                if not isinstance(v, str) or not v.strip():
-                    raise ValueError(f"{path}:{no}: field {k!r} must be a non-empty string, "
-                                     f"got {v!r}")
-            lang = obj.get("lang", "en")
-            if lang not in ("en", "zh"):
-                raise ValueError(f"{path}:{no}: field 'lang' must be 'en' or 'zh', got {lang!r}")
-            out.append(Needle(obj["needle"], obj["question"], obj["answer"], lang))
+    for no, obj in iter_objects(path):
+        for k in ("needle", "question", "answer"):
+            v = obj.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k == "answer":
+                obj[k] = v = str(v)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{path}:{no}: field {k!r} must be a non-empty string, "
+                                 f"got {v!r}")
+        lang = obj.get("lang", "en")
+        if lang not in ("en", "zh"):
+            raise ValueError(f"{path}:{no}: field 'lang' must be 'en' or 'zh', got {lang!r}")
+        out.append(Needle(obj["needle"], obj["question"], obj["answer"], lang))
     if not out:
         raise ValueError(f"{path}: no needles in the file")
     return out
