@@ -185,6 +185,36 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
     return out.view(b, t, nh, d).transpose(1, 2)
 
 
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _sdpa_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """A chunk of T queries after `past` cached keys (no padding): every cached key is
+    visible, the chunk's own keys causally. Chunked prefill of a long prompt lands here.
+
+    An explicit [T, past + T] mask would grow with the context (CPU SDPA turns it into a float
+    tensor: 8 MB per 1k cached tokens at T = 2048), so on CPU the two parts run as two maskless
+    flash calls (the cached part with the query heads of a KV group folded into the sequence
+    axis, the chunk itself causal) merged by their log-sum-exps: memory stays flat."""
+    b, nh, t, d = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    if _cpu_flash is None or q.device.type != "cpu" or q.dtype != torch.float32:
+        q_pos = past + torch.arange(t, device=q.device)
+        mask = torch.arange(past + t, device=q.device)[None, :] <= q_pos[:, None]
+        return _sdpa(q, k, v, mask, causal=False)
+    qa = q.reshape(b, nkv, g * t, d)
+    a, lse_a = _cpu_flash(qa, k[:, :, :past], v[:, :, :past], 0.0, False)
+    kn, vn = k[:, :, past:], v[:, :, past:]
+    if g > 1:
+        kn, vn = kn.repeat_interleave(g, dim=1), vn.repeat_interleave(g, dim=1)
+    c, lse_c = _cpu_flash(q, kn, vn, 0.0, True)
+    a, lse_a = a.reshape(b, nh, t, d), lse_a.reshape(b, nh, t)
+    m = torch.maximum(lse_a, lse_c)
+    wa, wc = (lse_a - m).exp_().unsqueeze(-1), (lse_c - m).exp_().unsqueeze(-1)
+    return (a * wa + c * wc) / (wa + wc)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -211,6 +241,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         if ctx.cu_seqlens is not None:
             out = _varlen(q, k, v, ctx.cu_seqlens, ctx.max_len)
+        elif ctx.past:
+            out = _sdpa_after(q, k, v, ctx.past)
         else:
             out = _sdpa(q, k, v, ctx.mask, causal=True)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
@@ -246,10 +278,11 @@ class DecoderLayer(nn.Module):
 class _AttnContext:
     """What every layer needs to know about the attention pattern of one forward."""
 
-    __slots__ = ("mask", "cu_seqlens", "max_len")
+    __slots__ = ("mask", "cu_seqlens", "max_len", "past")
 
-    def __init__(self, mask=None, cu_seqlens=None, max_len=0):
+    def __init__(self, mask=None, cu_seqlens=None, max_len=0, past=0):
         self.mask, self.cu_seqlens, self.max_len = mask, cu_seqlens, max_len
+        self.past = past  # > 0: a chunk after `past` cached keys, no padding (_sdpa_after)
 
 
 class InternLM2Model(nn.Module):
@@ -424,6 +457,8 @@ class InternLM2ForCausalLM(nn.Module):
             return _AttnContext(cu_seqlens=cu, max_len=max_len)
         if key_mask is None and doc_ids is None and (past == 0 or t == 1):
             return _AttnContext()  # plain causal (or a decode step that sees every key)
+        if key_mask is None and doc_ids is None:
+            return _AttnContext(past=past)  # a chunk after cached keys
         q_pos = past + torch.arange(t, device=dev)
         k_pos = torch.arange(s, device=dev)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
