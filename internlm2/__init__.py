@@ -24,6 +24,7 @@ _EXPORTS = {
     "generate": "internlm2.generate",
     "generate_text": "internlm2.generate",
     "GenerationConfig": "internlm2.generate",
+    "pipeline": "internlm2.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -19,7 +19,9 @@ _COMMAND_MODULES = [
     "internlm2.align.ppo",   # ppo
     "internlm2.align.dpo",   # dpo
     "internlm2.eval.cli",    # eval niah|ppl|tasks|report
+    "internlm2.agent.cli",   # agent
     "internlm2.speedrun",    # speedrun
+    "internlm2.serve.cli",   # serve
 ]
 
 
