@@ -14,7 +14,7 @@ _EXPORTS = {
     "ToolResult": "tools", "validate_arguments": "tools",
     "Agent": "loop", "AgentEvent": "loop", "AgentResult": "loop", "ModelBackend": "loop",
     "tool_call_validity": "loop",
-    "ReActAgent": "react",
+    "ReActAgent": "react", "EngineBackend": "backends",
     "Interpreter": "interpreter", "InterpreterResult": "interpreter",
     "calculator": "builtin", "current_time": "builtin", "file_reader": "builtin",
     "document_search": "builtin", "builtin_tools": "builtin", "BM25": "builtin",

@@ -367,7 +367,10 @@ class Interpreter:
         proc.wait()
         for f in (proc.stdin, proc.stdout):
             if f is not None:
-                f.close()
+                try:  # closing flushes a buffered write to a child that is gone
+                    f.close()
+                except OSError:
+                    pass
 
     def restart(self) -> None:
         """Kill the session (all state is lost) and start a fresh one."""

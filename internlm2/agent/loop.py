@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from typing_extensions import Self
-
 from ..chat_format import (
     ACTION_END,
     DEFAULT_INTERPRETER_PROMPT,
@@ -230,7 +228,7 @@ class Agent:
         if self._own_interpreter and self.interpreter is not None:
             self.interpreter.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "Agent":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -190,19 +190,23 @@ class _ChatStream:
 def create_app(async_engine: Any, tokenizer: Any, *, model_name: str,
                api_keys: Sequence[str] | None = None, cors_origins: Sequence[str] | None = None,
                max_request_bytes: int = 4 << 20, max_tokens_limit: int = 4096,
-               session_len: int | None = None, features: dict | None = None) -> FastAPI:
+               session_len: int | None = None, features: dict | None = None,
+               agent: Any = None) -> FastAPI:
     """The server app. `async_engine` must be started (and is shut down) by the caller.
 
     api_keys: when given, every /v1 route needs `Authorization: Bearer <one of them>` (the page,
     its files and /health stay open, so the page can ask for a key). session_len defaults to
     the engine's. `features` is reported by /health and /v1/models (the page reads it, e.g.
-    {"interpreter": True} shows the interpreter toggle).
+    {"interpreter": True} shows the interpreter toggle). agent: an `agent_routes.AgentSettings`
+    adds /v1/agent/chat (the agent loop with tools and the sandboxed code interpreter).
     """
     engine = async_engine.engine
     session_len = session_len or getattr(engine, "session_len", None)
     keys = [k for k in (api_keys or []) if k]
     feats = {"tools": True, "interpreter": False, "embeddings": hasattr(engine, "embed"),
              "logprobs": True, **(features or {})}
+    if agent is not None:
+        feats.update(agent=True, interpreter=bool(agent.interpreter), agent_tools=list(agent.tools))
     im_end = getattr(tokenizer, "im_end_id", None)
     action_end = getattr(tokenizer, "action_end_id", None)
     # Explicit stop ids: the engine's defaults know only the official <|im_end|> id, and a
@@ -479,6 +483,11 @@ def create_app(async_engine: Any, tokenizer: Any, *, model_name: str,
             ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": session_len}
 
+    if agent is not None:
+        from .agent_routes import add_agent_routes
+        add_agent_routes(app, async_engine, tokenizer, agent, authorize=authorize,
+                         check_model=check_model, stop_token_ids=base_stops,
+                         session_len=session_len, max_tokens_limit=max_tokens_limit)
     return app
 
 

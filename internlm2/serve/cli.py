@@ -30,8 +30,17 @@ def serve_main(args: argparse.Namespace) -> int:
                     session_len=args.session_len, prefill_token_budget=args.prefill_budget)
     aengine = AsyncEngine(engine)
     name = args.model_name or Path(args.model).resolve().name
+    agent = None
+    if args.interpreter or args.agent_tools:
+        from .agent_routes import AgentSettings
+        agent = AgentSettings(interpreter=args.interpreter, tools=_split(args.agent_tools) or (),
+                              interpreter_timeout_s=args.interpreter_timeout,
+                              interpreter_memory_mb=args.interpreter_memory_mb,
+                              max_sessions=args.agent_max_sessions,
+                              idle_timeout_s=args.agent_idle_timeout, docs=args.agent_docs)
     app = create_app(aengine, tok, model_name=name, api_keys=_split(args.api_keys),
-                     cors_origins=_split(args.cors), max_tokens_limit=args.max_tokens_limit)
+                     cors_origins=_split(args.cors), max_tokens_limit=args.max_tokens_limit,
+                     agent=agent)
     print(f"serving {name!r} on http://{args.host}:{args.port}  (web chat at /, API at /v1; "
           f"{engine.num_total_blocks} KV blocks of {engine.block_size}, session length "
           f"{engine.session_len})", file=sys.stderr)
@@ -71,4 +80,20 @@ def add_cli(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="largest max_tokens a request may ask for")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    g = p.add_argument_group("agent", "POST /v1/agent/chat: the agent loop with tools and a "
+                                      "sandboxed Python interpreter (the web chat's toggle)")
+    g.add_argument("--interpreter", action="store_true",
+                   help="enable the code interpreter (one sandboxed session per chat)")
+    g.add_argument("--agent-tools", default=None,
+                   help="comma-separated built-in tools requests may use (calculator,time,"
+                        "files,search)")
+    g.add_argument("--agent-docs", default=None, help="document folder for the 'search' tool")
+    g.add_argument("--interpreter-timeout", type=float, default=30.0,
+                   help="wall-clock seconds per code cell")
+    g.add_argument("--interpreter-memory-mb", type=int, default=1024,
+                   help="address-space limit of each interpreter process")
+    g.add_argument("--agent-max-sessions", type=int, default=8,
+                   help="interpreter sessions alive at once (more get 429)")
+    g.add_argument("--agent-idle-timeout", type=float, default=900.0,
+                   help="seconds before an unused session (and its state) is closed")
     p.set_defaults(func=serve_main)

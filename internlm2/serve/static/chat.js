@@ -1,5 +1,6 @@
 // The web chat: streams /v1/chat/completions (fetch + ReadableStream SSE parsing), keeps the
-// multi-turn history in memory, and renders replies with the local markdown renderer.
+// multi-turn history in memory, and renders replies with the local markdown renderer. With the
+// interpreter toggle on, turns go to /v1/agent/chat and its agent events are rendered instead.
 // No external resources: the page must work on machines without internet access.
 (function () {
   "use strict";
@@ -13,7 +14,7 @@
     interpreter: $("interpreter"), composer: $("composer"),
   };
   const KEY_STORE = "internlm2.apiKey";
-  const state = { model: null, history: [], controller: null, features: {} };
+  const state = { model: null, history: [], controller: null, features: {}, agentSession: null };
 
   // -- settings ---------------------------------------------------------------------------
   els.apiKey.value = localStorage.getItem(KEY_STORE) || "";
@@ -207,6 +208,123 @@
     return resp.status + " " + resp.statusText;
   }
 
+  // -- the agent (code interpreter) -------------------------------------------------------
+  // Only PNG data: URLs or same-origin paths become <img> sources; anything else is dropped.
+  function safeImageUrl(u) {
+    if (typeof u !== "string") return null;
+    if (/^data:image\/png;base64,[A-Za-z0-9+/=]+$/.test(u)) return u;
+    if (/^\/v1\/agent\/files\/[A-Za-z0-9_-]+\/[A-Za-z0-9._-]+$/.test(u)) return u;
+    return null;
+  }
+
+  // Renders /v1/agent/chat events into one assistant bubble: streamed words (markdown), code
+  // and tool calls as collapsible blocks, results with their figures, the final answer.
+  function agentView(bubble) {
+    let cur = null;  // { step, el, text }: the words of the current step
+    let final = null;
+    const textEl = (step) => {
+      if (!cur || cur.step !== step) {
+        const el = document.createElement("div");
+        el.className = "agent-text";
+        bubble.content.append(el);
+        cur = { step, el, text: "" };
+      }
+      return cur;
+    };
+    const note = (cls, text) => {
+      const div = document.createElement("div");
+      div.className = cls;
+      div.textContent = text;
+      bubble.content.append(div);
+    };
+    return {
+      get final() { return final; },
+      event(ev) {
+        if (ev.type === "text") {
+          const t = textEl(ev.step);
+          t.text += ev.text || "";
+          t.el.innerHTML = Markdown.render(t.text);  // markdown.js escapes the text
+        } else if (ev.type === "action") {
+          const block = ev.code != null
+            ? toolBlock("Code (interpreter)", ev.code)
+            : toolBlock("Tool call: " + (ev.name || "?"), JSON.stringify(ev.arguments || {}, null, 2));
+          block.classList.add("code-action");
+          block.open = true;
+          bubble.content.append(block);
+          cur = null;
+        } else if (ev.type === "result") {
+          const box = document.createElement("div");
+          box.className = "agent-result";
+          let body = ev.text || "";
+          if (ev.name === "interpreter" && ev.stdout !== undefined) {
+            body = [ev.stdout, ev.stderr, ev.value, ev.error].filter((x) => x)
+              .map((x) => String(x).replace(/\n$/, "")).join("\n") || "(no output)";
+            if (ev.timed_out) body += "\n[timed out]";
+          }
+          const block = toolBlock("Result" + (ev.name ? " of " + ev.name : ""), body);
+          block.open = true;
+          box.append(block);
+          for (const im of ev.images || []) {
+            const src = safeImageUrl(im.url) || safeImageUrl(im.path);
+            if (!src) continue;
+            const img = document.createElement("img");
+            img.src = src;
+            img.alt = im.name || "figure";
+            box.append(img);
+          }
+          bubble.content.append(box);
+          cur = null;
+        } else if (ev.type === "error") {
+          if (ev.fatal) throw new Error(ev.text || "server error");
+          note("agent-note", ev.text || "");
+          cur = null;
+        } else if (ev.type === "final") {
+          final = ev.text || "";
+          if (ev.reason === "max_steps") {
+            note("agent-note agent-final", final);
+          } else if (cur && cur.step === ev.step) {
+            cur.el.classList.add("agent-final");
+          } else {
+            const t = textEl(ev.step);
+            t.text = final;
+            t.el.innerHTML = Markdown.render(final);
+            t.el.classList.add("agent-final");
+          }
+        }
+      },
+    };
+  }
+
+  async function sendAgent(messages, bubble) {
+    const body = {
+      messages, interpreter: true,
+      temperature: Number(els.temperature.value), top_p: Number(els.topP.value),
+    };
+    const maxTokens = parseInt(els.maxTokens.value, 10);
+    if (maxTokens > 0) body.max_tokens = maxTokens;
+    if (state.agentSession) body.session_id = state.agentSession;
+    const view = agentView(bubble);
+    let resp = await fetch("/v1/agent/chat", {
+      method: "POST", headers: headers(), body: JSON.stringify(body),
+      signal: state.controller.signal,
+    });
+    if (resp.status === 404 && body.session_id) {  // the session expired: start a fresh one
+      state.agentSession = null;
+      delete body.session_id;
+      resp = await fetch("/v1/agent/chat", {
+        method: "POST", headers: headers(), body: JSON.stringify(body),
+        signal: state.controller.signal,
+      });
+    }
+    if (!resp.ok) throw new Error(await errorText(resp));
+    for await (const ev of sseEvents(resp)) {
+      if (ev.type === "session") { state.agentSession = ev.session_id; continue; }
+      view.event(ev);
+      scrollDown();
+    }
+    return view.final;
+  }
+
   async function send(text) {
     state.history.push({ role: "user", content: text });
     showMessage({ role: "user", content: text });
@@ -220,10 +338,29 @@
     };
     const maxTokens = parseInt(els.maxTokens.value, 10);
     if (maxTokens > 0) body.max_tokens = maxTokens;
-    if (state.features.interpreter && els.interpreter.checked) body.interpreter = true;
+    const agent = Boolean(state.features.interpreter && els.interpreter.checked);
 
     const bubble = addBubble("assistant");
     bubble.content.classList.add("cursor");
+    if (agent) {
+      state.controller = new AbortController();
+      setBusy(true);
+      setStatus("");
+      try {
+        const final = await sendAgent(messages, bubble);
+        if (final !== null) state.history.push({ role: "assistant", content: final });
+      } catch (e) {
+        if (e.name === "AbortError") setStatus("Stopped.");
+        else addBubble("error", "error").content.textContent = e.message;
+      } finally {
+        state.controller = null;
+        bubble.content.classList.remove("cursor");
+        if (!bubble.content.childNodes.length) bubble.div.remove();
+        setBusy(false);
+        els.input.focus();
+      }
+      return;
+    }
     let content = "";
     const calls = [];
     let finish = null;
@@ -305,6 +442,7 @@
   els.clear.addEventListener("click", () => {
     if (state.controller) state.controller.abort();
     state.history = [];
+    state.agentSession = null;  // a new chat gets a fresh interpreter
     els.messages.replaceChildren();
     setStatus("");
   });
