@@ -10,8 +10,9 @@ llama_config_dict), attn_implementation="sdpa", float32, batch 1, a random promp
 - ours: `internlm2.generate.generate(..., prefill_chunk=--chunk, max_new_tokens=1)`, the
   path the NIAH eval uses: a KV cache sized for the prompt, the prompt fed in chunks with
   logits only for the last position. Memory should be weights + KV cache + a workspace set
-  by the chunk (its activations, and the [chunk, context] attention mask/scores, which
-  grow with context only through the one [chunk, S] slab of the current chunk).
+  by the chunk alone: a chunk after cached keys attends with two maskless flash calls (the
+  cached keys, then the chunk causally) merged by log-sum-exp, so no [chunk, context] mask
+  or score matrix is ever built (internlm2.model._sdpa_after).
 - transformers: one `model(ids, use_cache=True, logits_to_keep=1)` over the whole context,
   as a transformers user prefills; every activation is [T, ...] at once.
 
