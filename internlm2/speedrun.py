@@ -43,6 +43,10 @@ class Settings:
         return 2000 if self.quick else 12000
 
     @property
+    def retrieval_docs(self) -> int:  # needle-in-a-haystack documents for pretraining
+        return 300 if self.quick else 4000
+
+    @property
     def vocab_size(self) -> int:
         return 4096 if self.quick else 8192
 
@@ -117,6 +121,17 @@ def stage_shards(s: Settings) -> dict:
                                seed=s.seed, overwrite=True)
         out[name] = {split: {"docs": m["splits"][split]["num_docs"],
                              "tokens": m["splits"][split]["num_tokens"]} for split in ("train", "val")}
+    # Retrieval-heavy documents (facts hidden in the cleaned prose, asked at the end) for the
+    # phases' "retrieval" source; generated data, so written after the pipeline, not through it.
+    from .data.builtin import retrieval_documents
+    prose = [d["text"] for d in iter_output_documents(clean, upsample=False)
+             if _category(d) == "prose"]
+    m = write_token_shards(retrieval_documents(prose, s.retrieval_docs, seed=s.seed), tok,
+                           s.out / "shards" / "retrieval", val_fraction=0.02, seed=s.seed,
+                           overwrite=True)
+    out["retrieval"] = {split: {"docs": m["splits"][split]["num_docs"],
+                                "tokens": m["splits"][split]["num_tokens"]}
+                        for split in ("train", "val")}
     return out
 
 
@@ -136,7 +151,8 @@ def stage_pretrain(s: Settings) -> dict:
             f"checkpoint.every={max(10, s.pretrain_steps // 10)}"]
     if s.quick:  # a smoke test: half the batch, a small validation set
         over += ["train.batch_tokens=4096", "train.micro_batch_size=16", "train.eval_tokens=8192"]
-    over += [f"data.sources.{c}={json.dumps(str(s.out / 'shards' / c))}" for c in CATEGORIES]
+    over += [f"data.sources.{c}={json.dumps(str(s.out / 'shards' / c))}"
+             for c in (*CATEGORIES, "retrieval")]
     recipe = Recipe.load(path, over)
     run_dir = s.out / "pretrain"
     summary = pretrain.run(recipe, run_dir, resume="auto")
@@ -302,10 +318,20 @@ def stage_eval(s: Settings) -> dict:
                               limit=8 if s.quick else None)
     (ev / "tasks.json").write_text(json.dumps(
         {k: {"score": v["score"], "count": v["count"]} for k, v in results.items()}, indent=2))
+    # The agent's own check (schema-valid arguments, not just a parseable call) on the SFT model
+    # and on the RLHF model, over the held-out generated tool prompts.
+    from .agent.loop import tool_call_validity
+    from .align.data import iter_objects
+    recs = [o for _, o in iter_objects(files["tool_calls"][1])][:8 if s.quick else 50]
+    agent_tools = {name: {k: v for k, v in tool_call_validity(
+        load_model(s.out / name), tok, recs, max_new_tokens=64).items() if k != "samples"}
+        for name in ("chat-sft", "chat")}
+    (ev / "agent_tools.json").write_text(json.dumps(agent_tools, indent=2))
     card = build_report(s.out)
     return {"ppl": ppl, "niah_overall": summary["overall"],
             "niah_by_length": {str(k): v for k, v in summary["by_length"].items()},
-            "tasks": {k: v["score"] for k, v in results.items()}, "report_card": str(card)}
+            "tasks": {k: v["score"] for k, v in results.items()}, "agent_tools": agent_tools,
+            "report_card": str(card)}
 
 
 def _samples(corpus: Path, per_kind: int = 40) -> dict[str, list[str]]:
@@ -406,6 +432,14 @@ def stage_report(s: Settings) -> dict:
                   + ". Heatmap: `eval/niah.png`.", "",
                   "| task (chat/) | score |", "|---|---|"]
         lines += [f"| {k} | {_num(v)} |" for k, v in f["tasks"].items()]
+        if f.get("agent_tools"):
+            lines += ["", "Tool calling through the agent (`internlm2.agent.tool_call_validity`: "
+                      "a parseable call to a listed tool with schema-valid arguments) on the "
+                      "held-out generated tool prompts:", "",
+                      "| model | prompts | valid | right tool (of valid) | arguments right |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {m} | {v['prompts']} | {_num(v['valid'])} | {_num(v['right_tool'])} | "
+                      f"{_num(v['arguments'])} |" for m, v in f["agent_tools"].items()]
         lines += ["", "Every plot of the run: `report_card.md`."]
     if PENDING_STAGES:
         lines += ["", "## Stages not built yet", "", ", ".join(PENDING_STAGES) + "."]

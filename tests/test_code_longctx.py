@@ -481,3 +481,35 @@ def test_perplexity_gain_with_internlm2_model():
     f = PerplexityDiffFilter(model, ByteTokenizer(), tail=32, short_context=16, chunk=256)
     reason = f.check({"text": english_essay(2000)})
     assert reason is None or reason.startswith("ppl_no_gain")
+
+
+def test_retrieval_documents_ask_every_fact_once_with_its_own_answer():
+    import re
+
+    from internlm2.data.builtin import retrieval_documents
+    prose = ["The module reads configuration files and returns a mapping of sections. "
+             "Each section holds options whose values are strings until converted. "
+             "Errors in the file are reported with the line number where they occur."] * 5
+    docs = list(retrieval_documents(prose, 48, seed=3))
+    assert docs == list(retrieval_documents(prose, 48, seed=3))  # deterministic
+    assert {d["lang"] for d in docs} == {"en", "zh"}
+    for d in docs:
+        if d["lang"] != "en":
+            continue
+        body, *qas = d["text"].split("\n\nQuestion: ")
+        lines = body.split("\n")
+        assert qas, "every document asks at least one question"
+        keys = set()
+        for qa in qas:
+            q, a = qa.split("\nAnswer: ")
+            m = re.fullmatch(r"What is the (.+) of the (.+)\?", q)
+            assert m and (m[1], m[2]) not in keys  # no key asked twice: one right answer
+            keys.add((m[1], m[2]))
+            # the fact is a line of its own in the body, with this answer
+            assert f"The {m[1]} of the {m[2]} is {a}." in lines
+        facts = [x for x in lines if re.fullmatch(r"The .+ of the .+ is \d+\.", x)]
+        assert len(facts) == len(qas)  # every hidden fact is asked
+    with pytest.raises(ValueError, match="short_fraction"):
+        list(retrieval_documents(prose, 1, short_fraction=2.0))
+    with pytest.raises(ValueError, match="prose"):
+        list(retrieval_documents([], 1))

@@ -72,6 +72,8 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
     assert 0.0 <= ev["niah_overall"] <= 1.0 and set(ev["niah_by_length"]) == {"256", "512"}
     assert (out / "eval" / "niah.png").read_bytes()[:4] == b"\x89PNG"
     assert ev["tasks"] and all(0.0 <= v <= 1.0 for v in ev["tasks"].values())
+    assert set(ev["agent_tools"]) == {"chat-sft", "chat"}
+    assert all(v["prompts"] == 8 and 0.0 <= v["valid"] <= 1.0 for v in ev["agent_tools"].values())
     card = (out / "report_card.md").read_text()
     assert "![pretrain_loss](figures/pretrain_loss.png)" in card and "Needle in a haystack" in card
 

@@ -16,6 +16,7 @@ import ast
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import sysconfig
@@ -245,6 +246,147 @@ def synthetic_documents(n: int, seed: int = 0) -> Iterator[dict]:
                "source": f"synthetic_{lang}", "lang": lang, "kind": kind}
 
 
+# -- retrieval in a haystack (long-context data) ------------------------------------------------
+
+_ADJ_EN = ["red", "blue", "green", "old", "silver", "golden", "small", "tall", "quiet", "north",
+           "east", "white", "dark", "bright", "stone", "wooden", "iron", "hidden", "broken", "round",
+           "yellow", "purple", "narrow", "ancient", "frozen", "lonely"]
+_NOUN_EN = ["door", "box", "bridge", "gate", "key", "lamp", "tower", "garden", "window", "boat",
+            "tree", "tent", "lighthouse", "owl", "river", "clock", "castle", "mirror", "wheel",
+            "bell", "garden gate", "forest", "road", "house", "library", "harbor", "mill", "fox"]
+_KEY_ATTR_EN = _ATTR_EN + ["password", "pin", "ticket number", "locker number", "access code"]
+_ADJ_ZH = ["红色", "蓝色", "绿色", "旧", "银色", "金色", "小", "高", "安静的", "北边的", "白色",
+           "黑色", "石头", "木头", "铁", "隐藏的", "破旧的", "圆形"]
+_NOUN_ZH = ["门", "盒子", "桥", "大门", "钥匙", "灯", "塔", "花园", "窗户", "船", "树", "帐篷",
+            "灯塔", "猫头鹰", "河", "钟", "城堡", "镜子", "轮子", "铃铛", "森林", "房子"]
+_KEY_ATTR_ZH = _ATTR_ZH + ["口令", "密码锁号", "票号"]
+
+
+def _needle_facts(rng: random.Random, lang: str, k: int) -> list[tuple[str, str, str]]:
+    """k key-value facts (fact, question, answer) with distinct keys over a large key space,
+    so a value must be read from the context, not memorised. The keys of one document share
+    things and attributes (a pool of about k/2 things), so the question's every key word must
+    be matched, as in a haystack holding similar facts."""
+    adj, noun, attrs = ((_ADJ_EN, _NOUN_EN, _KEY_ATTR_EN) if lang == "en"
+                        else (_ADJ_ZH, _NOUN_ZH, _KEY_ATTR_ZH))
+    sep = " " if lang == "en" else ""
+    things = list({f"{rng.choice(adj)}{sep}{rng.choice(noun)}" for _ in range(max(1, k // 2 + 1))})
+    seen: set[tuple[str, str]] = set()
+    out = []
+    while len(out) < k:
+        key = (rng.choice(attrs), rng.choice(things))
+        if key in seen:
+            if len(seen) >= len(attrs) * len(things):
+                things.append(f"{rng.choice(adj)}{sep}{rng.choice(noun)}")
+            continue
+        seen.add(key)
+        attr, thing = key
+        value = str(rng.randint(1000, 99999))
+        if lang == "en":
+            out.append((f"The {attr} of the {thing} is {value}.",
+                        f"What is the {attr} of the {thing}?", value))
+        else:
+            out.append((f"{thing}的{attr}是{value}。", f"{thing}的{attr}是多少？", value))
+    return out
+
+
+def _sentences(texts: list[str], lang: str) -> list[str]:
+    out: list[str] = []
+    for t in texts:
+        for line in t.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            if lang == "zh":
+                out += [x + "。" for x in line.split("。") if x.strip()]
+            else:
+                out += [x.strip() + "." for x in line.split(". ") if len(x.strip()) > 20]
+    return out
+
+
+def _retrieval_text(rng: random.Random, pool: list[str], lang: str, target: int,
+                    n_facts: int) -> str:
+    """One document: about `target` characters of a contiguous run of `pool` (wrapping) with
+    `n_facts` facts on lines of their own at random sentence boundaries, then every fact
+    asked (in shuffled order) in the NIAH eval's form, each followed by its answer."""
+    start = rng.randrange(len(pool))
+    fill: list[str] = []
+    size = 0
+    while size < target:
+        s = pool[(start + len(fill)) % len(pool)]
+        fill.append(s)
+        size += len(s) + 1
+    facts = _needle_facts(rng, lang, n_facts)
+    for fact, _, _ in facts:  # on a line of its own, as the NIAH eval places needles
+        at = rng.randint(0, len(fill))
+        fill[at:at] = [f"\n{fact}\n"]
+    asked = facts[:]
+    rng.shuffle(asked)
+    if lang == "en":
+        tail = "".join(f"\n\nQuestion: {q}\nAnswer: {v}" for _, q, v in asked)
+    else:
+        tail = "".join(f"\n\n问题：{q}\n答案：{v}" for _, q, v in asked)
+    sep = " " if lang == "en" else ""
+    text = ""
+    for part in fill:
+        glue = "" if not text or part.startswith("\n") or text.endswith("\n") else sep
+        text += glue + part
+    return text.strip() + tail
+
+
+def retrieval_documents(prose: list[str], n: int, seed: int = 0,
+                        chars: tuple[int, int] = (1200, 8000), *, short_fraction: float = 0.9,
+                        short_chars: tuple[int, int] = (0, 300),
+                        short_facts: tuple[int, int] = (4, 8), list_fraction: float = 0.7,
+                        long_facts: tuple[int, int] = (4, 12)) -> Iterator[dict]:
+    """Needle-in-a-haystack documents for pretraining (the report's phase 2 mixes in
+    retrieval-heavy data): filler sentences drawn from `prose` (English; Chinese filler from
+    the built-in explanations and generated sentences), several key-value facts on lines of
+    their own at random depths, then every fact asked in the eval's form
+    ("Question: ...\nAnswer: value").
+
+    Why this shape: a tiny model given a few hundred steps learns retrieval only from dense
+    targets (many facts and questions per document), and a document longer than the training
+    context is cut into pieces whose questions no longer see their facts, which teaches
+    guessing. So `short_fraction` of the documents are short enough for phase 1's 256 tokens:
+    `short_facts` facts in `short_chars` of filler (log-uniform, at least 100), or with
+    probability `list_fraction` in no filler at all (a plain list of facts, the easiest
+    case). Chinese filler gets a third of the characters (about one token per character).
+    The rest have `chars` of filler (log-uniform) and `long_facts` facts: documents of
+    >= 256 tokens for the long-context phase, where `long_share` picks them."""
+    for field, v in (("short_fraction", short_fraction), ("list_fraction", list_fraction)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"retrieval_documents: {field} must be in [0, 1], got {v}")
+    for field, r in (("chars", chars), ("short_facts", short_facts), ("long_facts", long_facts)):
+        if len(r) != 2 or not 0 < r[0] <= r[1]:
+            raise ValueError(f"retrieval_documents: {field} must be (lo, hi) with 0 < lo <= hi, "
+                             f"got {r!r}")
+    rng = random.Random(seed)
+    en = _sentences(prose, "en")
+    if not en:
+        raise ValueError("retrieval_documents needs some English prose for the filler")
+    from ..tokenizer import synthetic_chinese
+    zh = _sentences([" ".join(s for _, ss in _EXPLAIN_ZH for s in ss)]
+                    + [synthetic_chinese(400, seed + 1)], "zh")
+    for i in range(n):
+        lang = "zh" if i % 8 == 7 else "en"
+        pool = en if lang == "en" else zh
+        if rng.random() < short_fraction:
+            lo, hi = short_chars
+            target = 0 if rng.random() < list_fraction or hi < 100 else \
+                int(math.exp(rng.uniform(math.log(max(lo, 100)), math.log(hi))))
+            k = rng.randint(*short_facts)
+        else:
+            lo, hi = chars
+            target = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            k = rng.randint(*long_facts)
+        if lang == "zh":  # about one token per character, not ~3.5: keep the token budget
+            target //= 3
+        text = _retrieval_text(rng, pool, lang, target, k)
+        yield {"id": _doc_id("ret", str(seed), str(i)), "text": text,
+               "source": f"synthetic_{lang}", "lang": lang, "kind": "retrieval_long"}
+
+
 def write_jsonl(path: Path, docs) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -259,8 +401,9 @@ def write_jsonl(path: Path, docs) -> dict:
 
 
 def build_builtin_corpus(output: str | Path, seed: int = 0, code_files: int | None = None,
-                         synthetic: int = 20000) -> dict:
-    """Write code.jsonl, prose_en.jsonl and synthetic.jsonl under `output`; return stats."""
+                         synthetic: int = 20000, retrieval: int = 0) -> dict:
+    """Write code.jsonl, prose_en.jsonl and synthetic.jsonl (and retrieval.jsonl: `retrieval`
+    needle-in-a-haystack documents, see `retrieval_documents`) under `output`; return stats."""
     out = Path(output)
     files = stdlib_files(code_files, seed)
     stats = {
@@ -268,5 +411,9 @@ def build_builtin_corpus(output: str | Path, seed: int = 0, code_files: int | No
         "prose_en": write_jsonl(out / "prose_en.jsonl", prose_documents(files)),
         "synthetic": write_jsonl(out / "synthetic.jsonl", synthetic_documents(synthetic, seed)),
     }
+    if retrieval:
+        prose = [d["text"] for d in prose_documents(files)]
+        stats["retrieval"] = write_jsonl(out / "retrieval.jsonl",
+                                         retrieval_documents(prose, retrieval, seed))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -38,7 +38,7 @@ from . import loop
 from .checkpoint import CheckpointManager, ModelAndOptimizer, resolve_resume, save_hf
 from .recipe import PhasePlan, Recipe, RecipeError
 
-_BUILTIN_PARTS = ("code", "prose_en", "synthetic")
+_BUILTIN_PARTS = ("code", "prose_en", "synthetic", "retrieval")
 
 
 def _log(msg: str, rank: int = 0) -> None:
@@ -57,19 +57,24 @@ def prepare_builtin(recipe: Recipe, data_dir: Path, vocab_size: int) -> tuple[Pa
     from ..tokenizer import load_tokenizer, train_tokenizer
 
     d = recipe.data
-    root = data_dir / f"builtin-c{d.builtin_code_files}-s{d.builtin_synthetic_docs}-seed{recipe.train.seed}"
+    root = data_dir / (f"builtin-c{d.builtin_code_files}-s{d.builtin_synthetic_docs}"
+                       + (f"-r{d.builtin_retrieval_docs}" if d.builtin_retrieval_docs else "")
+                       + f"-seed{recipe.train.seed}")
     corpus = root / "corpus"
     if not (corpus / "stats.json").is_file():
         build_builtin_corpus(corpus, seed=recipe.train.seed,
                              code_files=d.builtin_code_files or None,
-                             synthetic=d.builtin_synthetic_docs)
+                             synthetic=d.builtin_synthetic_docs,
+                             retrieval=d.builtin_retrieval_docs)
+    parts = [p for p in _BUILTIN_PARTS if p != "retrieval" or d.builtin_retrieval_docs]
     tok_dir = root / f"tokenizer-{vocab_size}"
     if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer([str(corpus / f"{p}.jsonl") for p in _BUILTIN_PARTS],
+        # the retrieval part repeats the prose as filler: not for the vocabulary
+        train_tokenizer([str(corpus / f"{p}.jsonl") for p in parts if p != "retrieval"],
                         vocab_size=vocab_size, output_dir=tok_dir)
     tok = None
     shards = {}
-    for part in _BUILTIN_PARTS:
+    for part in parts:
         out = root / f"shards-{vocab_size}-val{d.val_fraction:g}" / part
         try:
             done = read_manifest(out).get("complete", False)
@@ -214,8 +219,10 @@ def load_data(recipe: Recipe, out: Path, vocab_size: int, env: "_Env"):
         if src.startswith("builtin:"):
             part = src.split(":", 1)[1]
             if part not in bshards:
+                hint = (" (builtin:retrieval needs data.builtin_retrieval_docs > 0)"
+                        if part == "retrieval" else "")
                 raise RecipeError(f"data.sources.{name} = {src!r}: the built-in corpus has "
-                                  f"{', '.join('builtin:' + p for p in _BUILTIN_PARTS)}")
+                                  f"{', '.join('builtin:' + p for p in bshards)}{hint}")
             paths[name] = bshards[part]
         else:
             paths[name] = Path(src)

@@ -68,6 +68,7 @@ class DataSection:
     dir: str = ""  # where the built-in corpus is prepared and cached ("" = OUT/data)
     builtin_code_files: int = 0  # standard-library files in the built-in corpus (0 = all)
     builtin_synthetic_docs: int = 12000
+    builtin_retrieval_docs: int = 0  # needle-in-a-haystack documents ("builtin:retrieval")
     val_fraction: float = 0.02  # for shards written from the built-in corpus
     long_min_tokens: int = 0  # "long" documents for phases' long_share (0 = phase 1 seq_len)
 
