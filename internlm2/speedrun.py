@@ -567,6 +567,34 @@ def run(s: Settings, force: list[str] | None = None, log=print) -> dict:
     return results
 
 
+def publish(run_dir: Path, dest: Path) -> Path:
+    """Copy a finished run's report (report.md, then the report card's plots) into
+    `dest/speedrun-report.md` with its PNGs under `dest/speedrun/`, every image link rewritten
+    to the copy: the form the repository keeps in docs/."""
+    import re
+    import shutil
+    run_dir, dest = Path(run_dir), Path(dest)
+    parts = [run_dir / "report.md", run_dir / "report_card.md"]
+    for p in parts:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: run the speedrun to the end first")
+    figs = dest / "speedrun"
+    figs.mkdir(parents=True, exist_ok=True)
+
+    def copy(m: re.Match) -> str:
+        src = run_dir / m.group(2)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: an image the report links to is missing")
+        shutil.copyfile(src, figs / src.name)
+        return f"![{m.group(1)}](speedrun/{src.name})"
+
+    text = "\n\n".join(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", copy, p.read_text(encoding="utf-8"))
+                       for p in parts)
+    out = dest / "speedrun-report.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     if args.list:
         for name, fn in STAGES:
@@ -575,10 +603,15 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:10s} not built yet")
         return 0
     s = Settings(out=Path(args.out), quick=args.quick, seed=args.seed)
+    if args.publish:  # only copy a finished run's report
+        print(publish(s.out, Path(args.publish)))
+        return 0
     run(s, force=args.force)
     print(f"\nreport: {s.out / 'report.md'}")
     if (s.out / "final").exists():
         print(f"chat with it:  internlm2 chat --model {s.out / 'final'}")
+        print(f"serve it:      internlm2 serve --model {s.out / 'final'}   "
+              "(OpenAI API and web chat on http://127.0.0.1:23333)")
     if PENDING_STAGES:
         print("stages still to come: " + ", ".join(PENDING_STAGES), file=sys.stderr)
     return 0
@@ -593,4 +626,7 @@ def add_cli(sub) -> None:
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and the stages after it (repeatable)")
     p.add_argument("--list", action="store_true", help="list the stages and exit")
+    p.add_argument("--publish", metavar="DIR", default=None,
+                   help="copy the finished run's report and plots to DIR/speedrun-report.md "
+                        "and DIR/speedrun/ (the repository keeps one in docs/)")
     p.set_defaults(func=main)

@@ -82,6 +82,16 @@ def test_quick_speedrun_outputs_and_resume(tmp_path):
                     "Conditional reward model", "Online PPO", "## Evaluation"):
         assert section in report
 
+    # --publish copies the report with its plots; every image link points at a copied PNG
+    import re
+    r = subprocess.run(cmd + ["--publish", str(tmp_path / "docs")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pub = (tmp_path / "docs" / "speedrun-report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", pub)
+    assert len(links) >= 5 and "## Evaluation" in pub
+    assert all((tmp_path / "docs" / x).read_bytes()[:4] == b"\x89PNG" for x in links)
+
     # a rerun skips finished stages; --force redoes one and those after it
     # (a redone stage starts afresh: it must not resume from its own earlier checkpoints)
     before = (out / "ppo" / "summary.json").stat().st_mtime_ns
