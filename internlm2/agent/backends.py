@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .loop import split_stops
+
 __all__ = ["EngineBackend", "GenerationCancelled"]
 
 _POLL_S = 0.1
@@ -67,16 +69,9 @@ class EngineBackend:
         self.prompt_tokens = self.completion_tokens = 0
 
     def _params(self, prompt_len: int, stop: Sequence[str]) -> Any:
-        # Like loop.ModelBackend: a stop string that is one special token becomes a stop id
-        # (the engine never decodes it into text), anything else is matched on the text.
-        stop_ids = list(self.defaults.stop_token_ids or []) + self.stop_token_ids
-        stop_strings = list(self.defaults.stop)
-        for s in stop:
-            tid = self.tokenizer.token_to_id(s) if hasattr(self.tokenizer, "token_to_id") else None
-            (stop_ids.append(tid) if tid is not None else stop_strings.append(s))
-        eos = getattr(self.tokenizer, "eos_id", None)
-        if eos is not None:
-            stop_ids.append(eos)
+        ids, strings = split_stops(self.tokenizer, stop)  # as loop.ModelBackend does
+        stop_ids = list(self.defaults.stop_token_ids or []) + self.stop_token_ids + ids
+        stop_strings = list(self.defaults.stop) + strings
         max_tokens = self.defaults.max_tokens
         if self.session_len is not None:
             room = self.session_len - prompt_len

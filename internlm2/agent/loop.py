@@ -70,6 +70,21 @@ class AgentResult:
     events: list[AgentEvent] = field(default_factory=list)
 
 
+def split_stops(tokenizer: Any, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(stop ids, stop strings) for a backend: a stop string that is one special token
+    (<|im_end|>, <|action_end|>) becomes its id, since generation never decodes it into text;
+    anything else is matched on the text. The tokenizer's eos id is always a stop id."""
+    ids: list[int] = []
+    strings: list[str] = []
+    for s in stop:
+        tid = tokenizer.token_to_id(s) if hasattr(tokenizer, "token_to_id") else None
+        (ids.append(tid) if tid is not None else strings.append(s))
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is not None:
+        ids.append(eos)
+    return ids, strings
+
+
 class ModelBackend:
     """The backend protocol over an InternLM2ForCausalLM: stop strings that are single special
     tokens (<|im_end|>, <|action_end|>) become stop ids, others are matched on the text."""
@@ -83,13 +98,7 @@ class ModelBackend:
     def generate_stream(self, prompt_text: str, stop: list[str]) -> Iterator[str]:
         from ..generate import stream_text
         ids = self.tokenizer.encode(prompt_text, add_bos=False)
-        stop_ids, stop_strings = [], []
-        for s in stop:
-            tid = self.tokenizer.token_to_id(s) if hasattr(self.tokenizer, "token_to_id") else None
-            (stop_ids.append(tid) if tid is not None else stop_strings.append(s))
-        eos = getattr(self.tokenizer, "eos_id", None)
-        if eos is not None:
-            stop_ids.append(eos)
+        stop_ids, stop_strings = split_stops(self.tokenizer, stop)
         cfg = self.config.replace(stop_ids=stop_ids,
                                   stop_strings=tuple(self.config.stop_strings) + tuple(stop_strings))
         was = self.model.training
