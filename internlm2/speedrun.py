@@ -249,7 +249,7 @@ def stage_ppo(s: Settings) -> dict:
     from .align.synth import read_jsonl
     a = s.out / "align"
     q = s.quick
-    cfg = PPOConfig(actor_lr=2e-5, critic_lr=5e-5, rounds=2, iterations=2 if q else 6,
+    cfg = PPOConfig(actor_lr=1e-4, critic_lr=5e-5, rounds=2, iterations=2 if q else 6,
                     critic_warmup=1 if q else 3, rollout_batch=8 if q else 32,
                     max_new_tokens=24 if q else 48, micro_batch_size=8, ptx_seq_len=512,
                     eval_every=0, max_eval_prompts=8 if q else 48, fastpath_prompts=8 if q else 32,
