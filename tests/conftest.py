@@ -26,3 +26,16 @@ def mask_runs(ids, mask):
     if cur:
         runs.append(cur)
     return runs
+
+
+class CharTokenizer:
+    """Token i is a piece of one or two letters, so text and tokens do not line up."""
+
+    def __init__(self, vocab: int = 256):
+        self.pieces = [chr(97 + i % 26) * (1 + (i // 26) % 2) for i in range(vocab)]
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 97 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.pieces[i] for i in ids)

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from conftest import CharTokenizer
 from internlm2.config import ModelConfig
 from internlm2.engine import AsyncEngine, Engine, SamplingParams
 from internlm2.generate import collect, generate
@@ -16,19 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[(7 * i + 3 + k) % 256 for i in range(n)] for k, n in enumerate([7, 2, 37, 5, 20, 1])]
 N_NEW = 12
-
-
-class CharTokenizer:
-    """Token i is a piece of one or two letters, so text and tokens do not line up."""
-
-    def __init__(self, vocab: int = 256):
-        self.pieces = [chr(97 + i % 26) * (1 + (i // 26) % 2) for i in range(vocab)]
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) - 97 for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.pieces[i] for i in ids)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CharTokenizer
 from internlm2.config import ModelConfig
 from internlm2.generate import (
     GenerationConfig,
@@ -52,19 +53,6 @@ def greedy_no_cache(model, prompt: list[int], n: int) -> list[int]:
 def tokens(model, prompts, **kw) -> list[list[int]]:
     kw.setdefault("stop_ids", [])
     return [c.tokens for c in collect(generate(model, prompts, **kw))]
-
-
-class CharTokenizer:
-    """Token i is a piece of one or two letters, so text and tokens do not line up."""
-
-    def __init__(self, vocab: int = 256):
-        self.pieces = [chr(97 + i % 26) * (1 + (i // 26) % 2) for i in range(vocab)]
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) - 97 for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.pieces[i] for i in ids)
 
 
 class ByteTokenizer:
