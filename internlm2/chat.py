@@ -41,7 +41,7 @@ def _gen_config(args: argparse.Namespace, tokenizer):
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop_ids=list(dict.fromkeys(tokenizer.stop_ids)))
+        stop_ids=list(dict.fromkeys(tokenizer.stop_ids)), compile=getattr(args, "compile", False))
 
 
 def chat_session(model, tokenizer, config, system: str | None, stdin: TextIO = sys.stdin,
@@ -131,6 +131,10 @@ def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_ne
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one prompt at a time): about 2x faster "
+                        "decoding on a CPU after a compile of ~10 s, repeated when the context "
+                        "grows past the next multiple of 256 tokens")
     p.add_argument("--system", default=None, help="system prompt")
 
 

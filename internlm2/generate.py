@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from .decode_step import _call_freezing, _compile_step, _decode_step, _static_plan  # noqa: F401
+from .model import rope_theta
+
 __all__ = [
     "Completion",
     "GenerationConfig",
@@ -77,6 +80,11 @@ class GenerationConfig:
     # distribution actually sampled from (after penalties, temperature, top-k/top-p), the
     # behaviour policy an RL update needs when sampling was warped.
     raw_logprobs: bool = True
+    # True: decode a single prompt with a torch.compile'd single-token step over a fixed-size
+    # KV cache (see `decode_step._decode_step`). The first call per model compiles (seconds); the weights
+    # are frozen into the graph, so a later weight update triggers a fresh compile. Other
+    # cases (batches, a rotary base that changes mid-run) silently use the eager step.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -446,7 +454,17 @@ def _generate(model: Any, prompts: list[list[int]], budgets: list[int], cfg: Gen
     mask = (torch.arange(t_max)[None, :] >= torch.tensor([t_max - l for l in plens])[:, None]) \
         .to(device) if padded else None
 
-    cache = model.new_cache(n, t_max + max(budgets))
+    static_len = _static_plan(model, cfg, n, t_max, max(budgets))
+    cache = model.new_cache(n, static_len or t_max + max(budgets))
+    step_fn = None
+    if static_len is not None:
+        # Masked slots are multiplied by zero attention weights: they must not hold NaNs.
+        cache.k.zero_()
+        cache.v.zero_()
+        step_fn = _compile_step(model)
+        theta = rope_theta(model.config, t_max + 1)
+        cos_t, sin_t = model.rotary.get(model.config, theta, static_len, device, cache.k.dtype)
+        pos = torch.tensor(t_max, dtype=torch.long, device=device)
     chunk = cfg.prefill_chunk or t_max
     for s in range(0, t_max, chunk):
         e = min(t_max, s + chunk)
@@ -560,7 +578,13 @@ def _generate(model: Any, prompts: list[list[int]], budgets: list[int], cfg: Gen
                 max_plen = max(plens[r] for r in active)
             # rope_seq_len: the longest active row's length (what dynamic NTK scales by),
             # known here without the model reading positions back from the device.
-            logits = model(tok[:, None], cache=cache, rope_seq_len=max_plen + step)[:, -1]
+            if step_fn is not None:
+                args = (model, tok[:, None], pos, cache.k, cache.v, cos_t, sin_t)
+                logits = _call_freezing(step_fn, *args) if step == 1 else step_fn(*args)
+                pos += 1
+                cache.length += 1
+            else:
+                logits = model(tok[:, None], cache=cache, rope_seq_len=max_plen + step)[:, -1]
 
         yield StepOutput(tokens, reasons, stops, texts, lps, tops)
         if not keep:

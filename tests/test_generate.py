@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CharTokenizer
+
+import internlm2.generate as generate_module
 from internlm2.config import ModelConfig
 from internlm2.generate import (
     GenerationConfig,
@@ -22,6 +23,8 @@ from internlm2.generate import (
     top_p_filter,
 )
 from internlm2.model import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is far faster
 
 TOKENIZER_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/internlm2_tokenizer.model"
 
@@ -371,3 +374,60 @@ def test_dynamic_rope_beyond_max_positions_equals_transformers():
     assert tokens(plain, prompt, max_new_tokens=30)[0] != ours
     # Chunked prefill keeps one rotary base for the whole prompt.
     assert tokens(model, prompt, max_new_tokens=30, prefill_chunk=7)[0] == ours
+
+
+# -- compile=True: the static-shape decode step ---------------------------------------------------
+
+def test_static_step_matches_eager(model, monkeypatch):
+    """compile=True runs `_decode_step` (fixed-size cache, masked attention, index_put_ writes);
+    checked here uncompiled, so the test is fast: tokens and log-probs equal the eager loop's,
+    greedy and seeded sampling, and batches fall back to the eager step."""
+    calls = []
+
+    def fake_compile(m):
+        calls.append(m)
+        return generate_module._decode_step
+
+    monkeypatch.setattr(generate_module, "_compile_step", fake_compile)
+    prompt = PROMPTS[0]
+    for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 3}):
+        eager = collect(generate(model, prompt, max_new_tokens=20, stop_ids=[], logprobs=True, **kw))
+        static = collect(generate(model, prompt, max_new_tokens=20, stop_ids=[], logprobs=True,
+                                  compile=True, **kw))
+        assert static[0].tokens == eager[0].tokens
+        assert static[0].logprobs == pytest.approx(eager[0].logprobs, abs=1e-5)
+    assert len(calls) == 2
+    # Stop ids still end the row; a budget that crosses the bucket size works.
+    stop = eager[0].tokens[4]
+    out = collect(generate(model, prompt, max_new_tokens=300, stop_ids=[stop], compile=True))
+    assert out[0].tokens == tokens(model, [prompt], max_new_tokens=300, stop_ids=[stop])[0]
+    assert len(calls) == 3 and out[0].finish_reason == "stop"
+    calls.clear()
+    assert tokens(model, PROMPTS, max_new_tokens=6, compile=True) == tokens(model, PROMPTS,
+                                                                            max_new_tokens=6)
+    assert not calls  # a batch uses the eager step
+
+
+def test_compiled_step_is_rebuilt_after_weight_update():
+    """Freezing bakes the weights into the graph: an in-place update must give a new one."""
+    m = build_model(small_config(num_hidden_layers=1), seed=0).eval()
+    first = generate_module._compile_step(m)
+    assert generate_module._compile_step(m) is first
+    with torch.no_grad():
+        m.output.weight.add_(1.0)
+    assert generate_module._compile_step(m) is not first
+
+
+@pytest.mark.slow
+def test_compiled_decode_identical_tokens():
+    """The real torch.compile'd step gives the eager loop's tokens, and still does after an
+    in-place weight update (frozen weights must not be reused; the recompile is ~2 s)."""
+    m = build_model(small_config(num_hidden_layers=1), seed=0).eval()
+    prompt = PROMPTS[2]
+    before = tokens(m, [prompt], max_new_tokens=16)
+    assert tokens(m, [prompt], max_new_tokens=16, compile=True) == before
+    with torch.no_grad():
+        m.output.weight.mul_(-1.0)
+    after = tokens(m, [prompt], max_new_tokens=16)
+    assert after != before
+    assert tokens(m, [prompt], max_new_tokens=16, compile=True) == after
