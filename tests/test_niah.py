@@ -284,3 +284,43 @@ def test_cli(tmp_path, tok, monkeypatch):
     assert (out / "niah.jsonl").exists() and (out / "niah.md").exists()
     assert (out / "niah.png").exists()
     assert len((out / "niah.md").read_text().splitlines()) == 2 + 2 + 1
+
+
+def test_answer_lead_in(tok, hay, tmp_path):
+    """Single-needle prompts can end with the needle's lead-in (the passkey form), derived
+    from the needle when it ends with its answer; multi-needle prompts never do."""
+    en, zh = DEFAULT_NEEDLES["en"][0], DEFAULT_NEEDLES["zh"][1]
+    assert en.answer_lead == "The secret code of the blue door is"
+    assert zh.answer_lead == "旧灯塔的房间号是"
+    assert all(n.answer_lead for ns in DEFAULT_NEEDLES.values() for n in ns)
+    assert Needle("42 is the answer.", "What is it?", "42").answer_lead is None
+    assert Needle("x", "q?", "7", lead="The value is ").answer_lead == "The value is"
+    for n, tail in ((en, f"Answer: {en.answer_lead}"), (zh, f"答案：{zh.answer_lead}")):
+        for length in (300, 401):
+            p = build_context(tok, hay, n, length, 50, lead=True)
+            assert len(p.ids) == length
+            assert tok.decode(p.ids).endswith(f"{n.question}\n{tail}")
+    chat = tok.decode(build_context(tok, hay, en, 300, 50, chat=True, lead=True).ids)
+    assert chat.endswith(f"<|im_start|>assistant\n{en.answer_lead}")
+    multi = tok.decode(build_context(tok, hay, DEFAULT_NEEDLES["en"][:2], 400, 0, lead=True).ids)
+    assert multi.endswith("?\nAnswer:")
+    # needles files may carry a lead; a bad one is named
+    f = tmp_path / "n.jsonl"
+    f.write_text(json.dumps({"needle": "N is 5.", "question": "Q?", "answer": "5", "lead": 3}) + "\n")
+    with pytest.raises(ValueError, match="lead"):
+        load_needles(f)
+    f.write_text(json.dumps({"needle": "N is 5.", "question": "Q?", "answer": "5",
+                             "lead": "Its value is"}) + "\n")
+    assert load_needles(f)[0].answer_lead == "Its value is"
+
+
+def test_run_niah_records_lead_and_refuses_to_mix(tok, hay, model, tmp_path):
+    out = tmp_path / "niah.jsonl"
+    kw = {"haystack": hay, "max_new_tokens": 2, "prefill_chunk": 64}
+    rows = run_niah(model, tok, [96], [50], DEFAULT_NEEDLES["en"], 1, out, **kw)
+    assert rows[0]["lead"] is True
+    with pytest.raises(ValueError, match="lead=True"):
+        run_niah(model, tok, [96], [50], DEFAULT_NEEDLES["en"], 1, out, lead=False, **kw)
+    plain = run_niah(model, tok, [96], [50], DEFAULT_NEEDLES["en"], 1, tmp_path / "b.jsonl",
+                     lead=False, **kw)
+    assert plain[0]["lead"] is False

@@ -23,6 +23,10 @@ Conventions:
   normalised prediction; `levenshtein_score` is NeedleBench v1's 1 - edit distance / max
   length, taken at the best window of the prediction (window lengths 0.8x..1.2x the answer);
   `score = 0.5 * exact + 0.5 * levenshtein` (1.0 whenever the answer is found).
+- Single-needle prompts end with the needle's answer lead-in by default ("...\nAnswer: The
+  secret code of the blue door is"; `lead=False` / `--no-lead` stops at "Answer:"): the
+  passkey-retrieval form for base models (LongLoRA, YaRN, Landmark Attention), so the score
+  measures finding the value, not phrasing an answer. Each row records `lead`.
 - "1k" is 1024 tokens (context-window convention): "1k,2k,4k" -> [1024, 2048, 4096].
 """
 
@@ -73,6 +77,20 @@ class Needle:
     question: str  # asked after the context
     answer: str  # what the prediction must contain
     lang: str = "en"
+    # The answer's lead-in: the question restated as the start of the needle's statement
+    # ("The secret code of the blue door is"). None: the needle up to its answer when the
+    # needle ends with it (every built-in needle does), else no lead-in.
+    lead: str | None = None
+
+    @property
+    def answer_lead(self) -> str | None:
+        """The lead-in a base-model prompt ends with (`lead` or derived from the needle)."""
+        if self.lead is not None:
+            return self.lead.rstrip() or None
+        body = self.needle.rstrip().rstrip(".。!！")
+        if body.endswith(self.answer) and len(body) > len(self.answer):
+            return body[: -len(self.answer)].rstrip() or None
+        return None
 
 
 DEFAULT_NEEDLES: dict[str, list[Needle]] = {
@@ -96,8 +114,8 @@ DEFAULT_NEEDLES: dict[str, list[Needle]] = {
 
 
 def load_needles(path: str | os.PathLike) -> list[Needle]:
-    """Needles from a jsonl file: one {"needle", "question", "answer"[, "lang"]} per line
-    (blank lines skipped). ValueError naming the line and field on bad input."""
+    """Needles from a jsonl file: one {"needle", "question", "answer"[, "lang", "lead"]} per
+    line (blank lines skipped). ValueError naming the line and field on bad input."""
     from ..align.data import iter_objects
     out: list[Needle] = []
     for no, obj in iter_objects(path):
@@ -111,7 +129,10 @@ def load_needles(path: str | os.PathLike) -> list[Needle]:
         lang = obj.get("lang", "en")
         if lang not in ("en", "zh"):
             raise ValueError(f"{path}:{no}: field 'lang' must be 'en' or 'zh', got {lang!r}")
-        out.append(Needle(obj["needle"], obj["question"], obj["answer"], lang))
+        lead = obj.get("lead")
+        if lead is not None and not isinstance(lead, str):
+            raise ValueError(f"{path}:{no}: field 'lead' must be a string, got {lead!r}")
+        out.append(Needle(obj["needle"], obj["question"], obj["answer"], lang, lead))
     if not out:
         raise ValueError(f"{path}: no needles in the file")
     return out
@@ -249,15 +270,21 @@ class NiahPrompt:
         return len(self.ids)
 
 
-def _templates(tokenizer: Any, questions: list[str], lang: str, chat: bool) -> tuple[list[int], list[int]]:
-    """Token ids before and after the context."""
+def _templates(tokenizer: Any, questions: list[str], lang: str, chat: bool,
+               lead: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids before and after the context; `lead` is appended after "Answer:" (the
+    passkey-retrieval form for base models: "... Answer: The pass key is")."""
+    if lead:
+        lead = (" " if lang == "en" else "") + lead
+    else:
+        lead = ""
     if lang == "zh":
         q = "\n".join(questions)
-        tail = f"\n\n问题：{q}\n答案："
+        tail = f"\n\n问题：{q}\n答案：{lead}"
         instr = "\n\n请根据上文回答问题，只给出答案。"
     else:
         q = " ".join(questions)
-        tail = f"\n\nQuestion: {q}\nAnswer:"
+        tail = f"\n\nQuestion: {q}\nAnswer:{lead}"
         instr = "\n\nAnswer the question using the document above. Give only the answer."
     if not chat:
         return [tokenizer.bos_id], tokenizer.encode(tail, add_bos=False, allow_special=False)
@@ -272,12 +299,19 @@ def _templates(tokenizer: Any, questions: list[str], lang: str, chat: bool) -> t
         body = f"{instr}\nQuestion: {q}"
     head = tokenizer.encode(head_t, add_bos=False)
     return head, tokenizer.encode(body, add_bos=False, allow_special=False) + \
-        tokenizer.encode(tail_t, add_bos=False)
+        tokenizer.encode(tail_t, add_bos=False) + \
+        tokenizer.encode(lead.lstrip(), add_bos=False, allow_special=False)
 
 
 def build_context(tokenizer: Any, haystack: str, needles: Needle | Sequence[Needle], length: int,
-                  depth_percent: float, *, chat: bool = False, offset: int = 0) -> NiahPrompt:
+                  depth_percent: float, *, chat: bool = False, offset: int = 0,
+                  lead: bool = False) -> NiahPrompt:
     """The prompt of exactly `length` tokens with the needle(s) hidden at `depth_percent`.
+
+    `lead`: with one needle that has a lead-in (`Needle.answer_lead`), the prompt ends with it
+    after "Answer:" (or after the assistant's start with `chat`), so the model continues with
+    the value: the passkey-retrieval form ("What is the pass key? The pass key is"), which
+    tests retrieval alone rather than retrieval plus answer phrasing.
 
     `offset`: haystack token where the (cyclically repeated) haystack starts, snapped back to a
     sentence start, so repeats can read different text. Returns a `NiahPrompt`."""
@@ -289,7 +323,8 @@ def build_context(tokenizer: Any, haystack: str, needles: Needle | Sequence[Need
     if not 0 <= depth_percent <= 100:
         raise ValueError(f"depth_percent must be in [0, 100], got {depth_percent}")
     lang = needles[0].lang
-    head, tail = _templates(tokenizer, [n.question for n in needles], lang, chat)
+    head, tail = _templates(tokenizer, [n.question for n in needles], lang, chat,
+                            needles[0].answer_lead if lead and len(needles) == 1 else None)
     needle_ids = [tokenizer.encode(f"\n{n.needle}\n", add_bos=False, allow_special=False)
                   for n in needles]
     n_hay = length - len(head) - len(tail) - sum(map(len, needle_ids))
@@ -483,7 +518,8 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
              depths: Sequence[float], needles: Sequence[Needle], repeats: int = 1,
              out_jsonl: str | os.PathLike | None = None, *, haystack: str | None = None,
              max_new_tokens: int = 16, prefill_chunk: int = 2048, chat: bool = False,
-             seed: int = 0, multi: int = 1, progress: bool = False) -> list[dict]:
+             seed: int = 0, multi: int = 1, progress: bool = False,
+             lead: bool = True) -> list[dict]:
     """Run the grid lengths x depths x repeats with greedy decoding; return every row
     (those already in `out_jsonl` included).
 
@@ -491,7 +527,9 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
     over a haystack read from a seeded offset. Each finished cell is appended to
     `out_jsonl` at once; cells whose key (length, depth, repeat, needle index, multi) is
     already there are skipped, so an interrupted run resumes where it stopped. The prompt
-    is prefilled in `prefill_chunk`-token chunks, so memory grows linearly with length."""
+    is prefilled in `prefill_chunk`-token chunks, so memory grows linearly with length.
+    `lead`: single-needle prompts end with the needle's answer lead-in (`build_context`);
+    a row records whether it had one."""
     import torch
 
     from ..generate import GenerationConfig, collect, generate
@@ -506,6 +544,12 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
         haystack = load_haystack(None, needles[0].lang)
     path = Path(out_jsonl) if out_jsonl is not None else None
     rows = _read_jsonl(path) if path is not None else []
+    want_lead = lead and multi == 1
+    for r in rows:
+        if r.get("multi") == multi and bool(r.get("lead", False)) != want_lead and \
+                any(n.answer_lead for n in needles):
+            raise ValueError(f"{path}: rows were written with lead={not want_lead}; resume "
+                             f"with the same setting or write to another file")
     done = {_row_key(r) for r in rows}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -528,12 +572,13 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
                     used = [needles[(j + k) % len(needles)] for k in range(multi)]
                     offset = random.Random(f"{seed}/{length}/{depth}/{rep}").randrange(n_hay)
                     prompt = build_context(tokenizer, haystack, used, length, depth, chat=chat,
-                                           offset=offset)
+                                           offset=offset, lead=lead)
+                    led = lead and multi == 1 and used[0].answer_lead is not None
                     with torch.inference_mode():
                         comp = collect(generate(model, prompt.ids, cfg, tokenizer=tokenizer))[0]
                     pred = comp.text
                     row = {"length": length, "depth": key[1], "repeat": rep, "needle_index": j,
-                           "multi": multi, "lang": used[0].lang, "chat": chat,
+                           "multi": multi, "lang": used[0].lang, "chat": chat, "lead": led,
                            "prompt_tokens": len(prompt.ids),
                            "needle_positions": prompt.needle_positions,
                            "answers": [n.answer for n in used], "prediction": pred,
@@ -668,6 +713,7 @@ def _cli_niah(args: argparse.Namespace) -> int:
     results = run_niah(model, tokenizer, lengths, deps, needles, args.repeats, out / "niah.jsonl",
                        haystack=haystack, max_new_tokens=args.max_new_tokens,
                        prefill_chunk=args.prefill_chunk, chat=args.chat, seed=args.seed,
+                       lead=args.lead,
                        multi=args.multi, progress=True)
     wanted = {_key(n, d, r, r % len(needles), args.multi) for n in lengths for d in deps
               for r in range(args.repeats)}
@@ -699,6 +745,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--multi", type=int, default=1, help="needles per prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
+    p.add_argument("--no-lead", dest="lead", action="store_false",
+                   help="end single-needle prompts at 'Answer:' instead of the needle's "
+                        "lead-in ('Answer: The secret code of the blue door is')")
     p.add_argument("--rope-scaling", choices=("dynamic", "linear"), default=None)
     p.add_argument("--factor", type=float, default=None)
     p.add_argument("--prefill-chunk", type=int, default=2048)
