@@ -355,3 +355,33 @@ def test_tiny_preset_on_the_builtin_corpus_learns(data_dir, tmp_path):
     assert evals[0]["val_loss"] - evals[-1]["val_loss"] > 1.0, evals
     assert summary["val_bpb"] < evals[0]["val_bpb"]
     assert took < 120  # about 20 s on 2 idle cores
+
+
+def test_validation_set_follows_each_phases_mixture(data_dir):
+    """val_loss of a phase is measured on the held-out documents of that phase's mixture."""
+    recipe = Recipe.load(TINY, DATA + [
+        "phases=[{name = \"a\", fraction = 0.5, seq_len = 64, rope_theta = 50000.0, "
+        "mixture = {prose = 1.0, synthetic = 0.0}}, {name = \"b\", fraction = 0.5, seq_len = 64, "
+        "rope_theta = 50000.0, mixture = {prose = 0.0, synthetic = 1.0}}]"])
+    from internlm2.data.shards import TokenShards
+    _, shards = pretrain.prepare_builtin(recipe, data_dir, 512)
+    val = {n: TokenShards(shards[p], "val") for n, p in
+           (("code", "code"), ("prose", "prose_en"), ("synthetic", "synthetic"))}
+    val = {n: v for n, v in val.items() if v.num_tokens > 0}
+    sets = {}
+    assert {"prose", "synthetic"} <= set(val)
+    for k, name in enumerate(("prose", "synthetic")):
+        plan = argparse.Namespace(phase=recipe.phases[k], index=k)
+        ds = pretrain.val_dataset(plan, val, recipe)
+        src = {int(ds._src[i]) for i in range(len(ds._src))}
+        assert [ds.sources[i] for i in src] == [val[name]]  # only this phase's source
+        sets[name] = [ds[i]["input_ids"].tolist() for i in range(2)]
+        assert sets[name] == [pretrain.val_dataset(plan, val, recipe)[i]["input_ids"].tolist()
+                              for i in range(2)]  # the same samples at every evaluation
+    assert sets["prose"] != sets["synthetic"]
+    # no mixture anywhere: every val document alike
+    bare = Recipe.load(TINY, DATA)
+    bare.data.mixture = {}
+    plan = argparse.Namespace(phase=bare.phases[0], index=0)
+    ds = pretrain.val_dataset(plan, val, bare)
+    assert ds.mixture is None and len(ds.sources) == len(val)

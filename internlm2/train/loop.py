@@ -61,9 +61,39 @@ def token_losses(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return loss.view(labels.shape)
 
 
+def _fused_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when `causal_lm_loss` may fuse it with the loss: the model is our causal
+    LM (forward(return_hidden=True) gives the normed hidden states; also under torch.compile
+    or FSDP's class swap) and `output` is a plain bias-free nn.Linear with a plain-tensor
+    weight and no hooks. DTensor weights (FSDP2, tensor parallel), LoRA or other wrapped
+    heads, reward models: None, and the loss takes the logits path."""
+    from internlm2.model import InternLM2ForCausalLM
+
+    base = getattr(model, "_orig_mod", model)  # torch.compile(model)
+    if not isinstance(base, InternLM2ForCausalLM) or \
+            type(base).forward is not InternLM2ForCausalLM.forward:
+        return None
+    head = getattr(base, "output", None)
+    if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or \
+            head._forward_pre_hooks or type(head.weight) is not nn.Parameter:
+        return None
+    return head
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pretraining `LossFn`: summed next-token cross entropy and the target count."""
-    return token_losses(model, batch).sum(), count_targets(batch)
+    """The pretraining `LossFn`: summed next-token cross entropy and the target count.
+
+    When the head allows it (`_fused_head`) the head matmul and the loss run fused and chunked
+    (`fused_ce.py`): the same loss and gradients without the [tokens, vocab] fp32 logits."""
+    head = _fused_head(model)
+    if head is None:
+        return token_losses(model, batch).sum(), count_targets(batch)
+    from internlm2.train.fused_ce import fused_linear_cross_entropy
+
+    h = model(batch["input_ids"], doc_ids=batch.get("doc_ids"),
+              position_ids=batch.get("position_ids"), return_hidden=True)
+    return fused_linear_cross_entropy(h.flatten(0, 1), head.weight, batch["labels"].flatten(),
+                                      ignore_index=IGNORE_INDEX)
 
 
 # -- distributed helpers ---------------------------------------------------------------------
@@ -284,9 +314,17 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: boo
 def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                     eps: float = 1e-8, weight_decay: float = 0.1, decay_embeddings: bool = False,
                     decay_norms: bool = False) -> torch.optim.AdamW:
+    """AdamW over the decay / no-decay groups. The fused kernel (one pass over each tensor
+    instead of a dozen foreach passes: ~8x faster on a CPU, where the optimizer step is a few
+    percent of a small model's training step) when every parameter is a plain float tensor
+    on the CPU or a GPU; sharded (DTensor) parameters keep the foreach implementation."""
     groups = param_groups(model, weight_decay, decay_embeddings=decay_embeddings,
                           decay_norms=decay_norms)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point()
+        and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, min_ratio: float = 0.1,

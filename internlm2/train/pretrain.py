@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 8 -m internlm2.cli pretrain --config configs/7b.toml --out runs/7b
 
 Under OUT: metrics.jsonl (one line per step: step, phase, seq_len, rope_theta, loss, lr,
-grad_norm, tokens, tokens_per_s, mfu, ...; val_loss / val_bpb on evaluation steps),
+grad_norm, tokens, tokens_per_s, mfu, ...; val_loss / val_bpb on evaluation steps, on the
+held-out documents in the phase's own mixture),
 tensorboard/ (when installed), checkpoints/step_N/ (checkpoint.py), model/ (the final model
 as a Hugging Face folder), phaseN-NAME/ (the model at the end of each phase), recipe.json, summary.json, and data/ (the built-in corpus, its
 tokenizer and token shards, prepared when the recipe uses "builtin:" sources).
@@ -137,6 +138,24 @@ def phase_dataset(plan: PhasePlan, sources: dict, recipe: Recipe, long_min: int)
     return PackedDataset(mixture, p.seq_len, seed=recipe.train.seed + plan.index)
 
 
+def val_dataset(plan: PhasePlan, val_src: dict, recipe: Recipe):
+    """A phase's validation samples: the held-out documents of its sources in the phase's own
+    mixture (token shares) at its sequence length, so `val_loss` measures what the phase
+    trains for (a code-heavy phase 1 and a synthetic-heavy enhancement phase are each judged
+    on their own data). Fixed order: the same samples at every evaluation of the phase.
+    Without mixture weights (or none that match a val source): all val documents alike."""
+    from ..data.shards import MixtureSampler, PackedDataset
+
+    p = plan.phase
+    weights = p.mixture or recipe.data.mixture or {}
+    parts = {n: (val_src[n], float(w)) for n, w in weights.items() if w > 0 and n in val_src}
+    if not parts:
+        return PackedDataset(list(val_src.values()), p.seq_len, seed=recipe.train.seed,
+                             shuffle=True)
+    mixture = MixtureSampler(parts, seed=recipe.train.seed + 17 * (plan.index + 1))
+    return PackedDataset(mixture, p.seq_len, seed=recipe.train.seed)
+
+
 class SampleStream:
     """A phase's global sample stream: `next_step(n)` reserves the next n samples (moving to
     the next epoch when fewer are left), `state_dict()` is the packed dataset's position.
@@ -197,7 +216,7 @@ def eval_batches(ds, n: int, dp: int, dp_rank: int, mb: int) -> list[dict]:
 
 
 def load_data(recipe: Recipe, out: Path, vocab_size: int, env: "_Env"):
-    """({name: train TokenShards}, [val TokenShards with documents], tokenizer or None);
+    """({name: train TokenShards}, {name: val TokenShards with documents}, tokenizer or None);
     "builtin:" sources are prepared first by rank 0 (cached under data.dir or OUT/data)."""
     from ..data.shards import TokenShards
     from ..tokenizer import load_tokenizer
@@ -227,7 +246,8 @@ def load_data(recipe: Recipe, out: Path, vocab_size: int, env: "_Env"):
         else:
             paths[name] = Path(src)
     train_src = {n: TokenShards(p, "train") for n, p in paths.items()}
-    val_src = [v for v in (TokenShards(p, "val") for p in paths.values()) if v.num_tokens > 0]
+    val_src = {n: v for n, v in ((n, TokenShards(p, "val")) for n, p in paths.items())
+               if v.num_tokens > 0}
     for n, s in train_src.items():
         if s.vocab_size > vocab_size:
             raise RecipeError(f"data source {n!r} was tokenized with a vocabulary of "
@@ -416,15 +436,14 @@ def run(recipe: Recipe, out: str | Path, resume: str | None = None) -> dict:
     rec: dict = {}
 
     def run_eval(at_step: int) -> dict:
-        from ..data.shards import PackedDataset
         if not val_src:
             return {}
         L = plan.phase.seq_len
-        if L not in val_cache:
-            vds = PackedDataset(val_src, L, seed=tr.seed, shuffle=True)
+        if plan.index not in val_cache:
+            vds = val_dataset(plan, val_src, recipe)
             n = min(len(vds), max(1, math.ceil(tr.eval_tokens / L)))
-            val_cache[L] = eval_batches(vds, n, env.dp, env.dp_rank, mb_size(plan))
-        res = loop.evaluate(model, val_cache[L], byte_lengths=byte_lengths,
+            val_cache[plan.index] = eval_batches(vds, n, env.dp, env.dp_rank, mb_size(plan))
+        res = loop.evaluate(model, val_cache[plan.index], byte_lengths=byte_lengths,
                             group=env.loss_group, autocast_dtype=autocast, device=dev)
         out_ = {"val_loss": res["loss"]}
         if "bpb" in res:
