@@ -46,7 +46,7 @@ from internlm2.hf import llama_config_dict, to_llama_state_dict
 from internlm2.model import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_results
+from _common import emit_results  # noqa: E402
 
 
 def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:

@@ -490,8 +490,9 @@ def test_retrieval_documents_ask_every_fact_once_with_its_own_answer():
     prose = ["The module reads configuration files and returns a mapping of sections. "
              "Each section holds options whose values are strings until converted. "
              "Errors in the file are reported with the line number where they occur."] * 5
-    docs = list(retrieval_documents(prose, 48, seed=3))
-    assert docs == list(retrieval_documents(prose, 48, seed=3))  # deterministic
+    docs = list(retrieval_documents(prose, 48, seed=3, restate=False, short_facts=(2, 6)))
+    assert docs == list(retrieval_documents(prose, 48, seed=3, restate=False,
+                                            short_facts=(2, 6)))  # deterministic
     assert {d["lang"] for d in docs} == {"en", "zh"}
     for d in docs:
         if d["lang"] != "en":
@@ -509,6 +510,19 @@ def test_retrieval_documents_ask_every_fact_once_with_its_own_answer():
             assert f"The {m[1]} of the {m[2]} is {a}." in lines
         facts = [x for x in lines if re.fullmatch(r"The .+ of the .+ is \d+\.", x)]
         assert len(facts) == len(qas)  # every hidden fact is asked
+    # restate: every answer is the fact's own statement (the NIAH prompt's lead-in + value)
+    for d in retrieval_documents(prose, 24, seed=4):  # restate is the default
+        if d["lang"] == "en":
+            body, *qas = d["text"].split("\n\nQuestion: ")
+            for qa in qas:
+                q, a = qa.split("\nAnswer: ")
+                m = re.fullmatch(r"The (.+) of the (.+) is \d+\.", a)
+                assert m and q == f"What is the {m[1]} of the {m[2]}?" and a in body.split("\n")
+        else:
+            body, *qas = d["text"].split("\n\n问题：")
+            for qa in qas:
+                q, a = qa.split("\n答案：")
+                assert re.fullmatch(r".+的.+是\d+。", a) and a in body.split("\n")
     with pytest.raises(ValueError, match="short_fraction"):
         list(retrieval_documents(prose, 1, short_fraction=2.0))
     with pytest.raises(ValueError, match="prose"):

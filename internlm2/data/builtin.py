@@ -305,7 +305,7 @@ def _sentences(texts: list[str], lang: str) -> list[str]:
 
 
 def _retrieval_text(rng: random.Random, pool: list[str], lang: str, target: int,
-                    n_facts: int) -> str:
+                    n_facts: int, restate: bool = False) -> str:
     """One document: about `target` characters of a contiguous run of `pool` (wrapping) with
     `n_facts` facts on lines of their own at random sentence boundaries, then every fact
     asked (in shuffled order) in the NIAH eval's form, each followed by its answer."""
@@ -323,9 +323,9 @@ def _retrieval_text(rng: random.Random, pool: list[str], lang: str, target: int,
     asked = facts[:]
     rng.shuffle(asked)
     if lang == "en":
-        tail = "".join(f"\n\nQuestion: {q}\nAnswer: {v}" for _, q, v in asked)
+        tail = "".join(f"\n\nQuestion: {q}\nAnswer: {f if restate else v}" for f, q, v in asked)
     else:
-        tail = "".join(f"\n\n问题：{q}\n答案：{v}" for _, q, v in asked)
+        tail = "".join(f"\n\n问题：{q}\n答案：{f if restate else v}" for f, q, v in asked)
     sep = " " if lang == "en" else ""
     text = ""
     for part in fill:
@@ -336,24 +336,27 @@ def _retrieval_text(rng: random.Random, pool: list[str], lang: str, target: int,
 
 def retrieval_documents(prose: list[str], n: int, seed: int = 0,
                         chars: tuple[int, int] = (1200, 8000), *, short_fraction: float = 0.9,
-                        short_chars: tuple[int, int] = (0, 300),
-                        short_facts: tuple[int, int] = (4, 8), list_fraction: float = 0.7,
-                        long_facts: tuple[int, int] = (4, 12)) -> Iterator[dict]:
+                        short_chars: tuple[int, int] = (0, 600),
+                        short_facts: tuple[int, int] = (1, 2), list_fraction: float = 0.4,
+                        long_facts: tuple[int, int] = (1, 6), restate: bool = True
+                        ) -> Iterator[dict]:
     """Needle-in-a-haystack documents for pretraining (the report's phase 2 mixes in
     retrieval-heavy data): filler sentences drawn from `prose` (English; Chinese filler from
-    the built-in explanations and generated sentences), several key-value facts on lines of
-    their own at random depths, then every fact asked in the eval's form
-    ("Question: ...\nAnswer: value").
+    the built-in explanations and generated sentences), key-value facts on lines of their own
+    at random depths, then every fact asked in the eval's form. With `restate` (default) the
+    answer is the fact's own statement ("Question: What is the pin of the red box?\nAnswer:
+    The pin of the red box is 4821."): the lead-in copies the question and the value then
+    follows the same words as in the fact, the pattern an induction head completes and the
+    form of the NIAH prompt's lead-in; without it the answer is the bare value.
 
-    Why this shape: a tiny model given a few hundred steps learns retrieval only from dense
-    targets (many facts and questions per document), and a document longer than the training
-    context is cut into pieces whose questions no longer see their facts, which teaches
-    guessing. So `short_fraction` of the documents are short enough for phase 1's 256 tokens:
-    `short_facts` facts in `short_chars` of filler (log-uniform, at least 100), or with
-    probability `list_fraction` in no filler at all (a plain list of facts, the easiest
-    case). Chinese filler gets a third of the characters (about one token per character).
-    The rest have `chars` of filler (log-uniform) and `long_facts` facts: documents of
-    >= 256 tokens for the long-context phase, where `long_share` picks them."""
+    Shape: a document longer than the training context is cut into pieces whose questions no
+    longer see their facts, which teaches guessing, so `short_fraction` of the documents fit
+    phase 1's 256 tokens: `short_facts` facts in `short_chars` of filler (log-uniform, at
+    least 100), or with probability `list_fraction` no filler at all (the easiest case). One
+    or two facts per document, like a single needle, rather than many similar keys. Chinese
+    filler gets a third of the characters (about one token per character). The rest have
+    `chars` of filler (log-uniform) and `long_facts` facts: documents of >= 256 tokens for the
+    long-context phase, where `long_share` picks them."""
     for field, v in (("short_fraction", short_fraction), ("list_fraction", list_fraction)):
         if not 0 <= v <= 1:
             raise ValueError(f"retrieval_documents: {field} must be in [0, 1], got {v}")
@@ -382,7 +385,7 @@ def retrieval_documents(prose: list[str], n: int, seed: int = 0,
             k = rng.randint(*long_facts)
         if lang == "zh":  # about one token per character, not ~3.5: keep the token budget
             target //= 3
-        text = _retrieval_text(rng, pool, lang, target, k)
+        text = _retrieval_text(rng, pool, lang, target, k, restate)
         yield {"id": _doc_id("ret", str(seed), str(i)), "text": text,
                "source": f"synthetic_{lang}", "lang": lang, "kind": "retrieval_long"}
 
