@@ -10,14 +10,14 @@ machine's core count. Variants, each in its own fresh process (so the memory pea
 mix and one compile cache never serves another):
 
   ours-eager           internlm2.train.loop.train_step (the project's real step: target
-                       count, causal_lm_loss, backward, clip 1.0, AdamW from build_optimizer)
+                       count, fused_causal_lm_loss, backward, clip 1.0, AdamW from build_optimizer)
   ours-compile-block   the same step after internlm2.train.parallel.apply_compile (per block,
                        what `internlm2 pretrain` does with compile on)
   ours-compile-model   the same step with torch.compile(model) (whole model; loss eager)
   hf-eager             LlamaForCausalLM (attn_implementation="sdpa") in a plain loop:
                        model(input_ids, labels=...).loss, backward, AdamW step, zero_grad
   hf-compile           the same with torch.compile(model)
-  ours-compile-loss    (only with --variants) the step with torch.compile(causal_lm_loss) as
+  ours-compile-loss    (only with --variants) the step with torch.compile(fused_causal_lm_loss) as
                        its loss_fn: model and loss in one graph, as in HF's compiled forward
 
 The transformers model is built from llama_config_dict(config) and loaded with
@@ -242,11 +242,11 @@ class _Variant:
                 apply_compile(model)
             elif variant == "ours-compile-model":
                 model = torch.compile(model)
-            loss_fn = loop.causal_lm_loss
+            loss_fn = loop.fused_causal_lm_loss  # as internlm2 pretrain
             if variant == "ours-compile-loss":
-                loss_fn = torch.compile(loop.causal_lm_loss)
+                loss_fn = torch.compile(loop.fused_causal_lm_loss)
             opt = loop.build_optimizer(model, lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8,
-                                       weight_decay=0.1)
+                                       weight_decay=0.1, fused=True)  # as internlm2 pretrain
             micro = [{"input_ids": ids, "labels": labels}]
 
             def step() -> float:

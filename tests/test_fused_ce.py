@@ -203,7 +203,7 @@ def test_causal_lm_loss_fused_equals_logits_path():
     assert loop._fused_head(model) is model.output
     ref = _loss_and_grads(model, batch,
                           lambda m, b: (loop.token_losses(m, b).sum(), loop.count_targets(b)))
-    got = _loss_and_grads(model, batch, loop.causal_lm_loss)
+    got = _loss_and_grads(model, batch, loop.fused_causal_lm_loss)
     _close(got[0], ref[0])
     assert int(got[1]) == int(ref[1]) == 48 - 6
     assert ref[2].keys() == got[2].keys()
@@ -217,7 +217,7 @@ def test_causal_lm_loss_falls_back_for_wrapped_heads():
     model = _tiny_model()
     model.output = LoRALinear(model.output, r=2)
     assert loop._fused_head(model) is None
-    loss, count = loop.causal_lm_loss(model, _batch())  # the logits path still works
+    loss, count = loop.fused_causal_lm_loss(model, _batch())  # the logits path still works
     assert torch.isfinite(loss) and int(count) == 42
 
     model = _tiny_model()
@@ -234,8 +234,8 @@ def test_compiled_loss_fn_runs_the_fused_head_eagerly():
     """torch.compile(causal_lm_loss) (bench/train.py's ours-compile-loss): dynamo cannot trace
     the Function, so it runs between graphs with the same result."""
     model, batch = _tiny_model(), _batch()
-    ref = _loss_and_grads(model, batch, loop.causal_lm_loss)
-    got = _loss_and_grads(model, batch, torch.compile(loop.causal_lm_loss))
+    ref = _loss_and_grads(model, batch, loop.fused_causal_lm_loss)
+    got = _loss_and_grads(model, batch, torch.compile(loop.fused_causal_lm_loss))
     _close(got[0], ref[0], rtol=1e-4)
     for name in ref[2]:
         _close(got[2][name], ref[2][name], rtol=1e-4)

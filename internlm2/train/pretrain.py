@@ -352,7 +352,7 @@ def run(recipe: Recipe, out: str | Path, resume: str | None = None) -> dict:
     optimizer = loop.build_optimizer(
         model, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
         weight_decay=opt_cfg.weight_decay, decay_embeddings=opt_cfg.decay_embeddings,
-        decay_norms=opt_cfg.decay_norms)
+        decay_norms=opt_cfg.decay_norms, fused=True)
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(tr.dtype, torch.float32)
     autocast = None if compute_dtype == torch.float32 or _fsdp_mixed_precision(recipe, env) \
         else compute_dtype
@@ -484,7 +484,8 @@ def run(recipe: Recipe, out: str | Path, resume: str | None = None) -> dict:
             mine = [stream.index(start + (m * env.dp + env.dp_rank) * mb + k)
                     for m in range(accum) for k in range(mb)]
             micro = _batches(stream.ds, mine, mb)
-            res = loop.train_step(model, optimizer, micro, max_norm=opt_cfg.grad_clip,
+            res = loop.train_step(model, optimizer, micro, loop.fused_causal_lm_loss,
+                                  max_norm=opt_cfg.grad_clip,
                                   group=env.loss_group, clip_fn=clip_fn,
                                   autocast_dtype=autocast, device=dev)
             if dev.type == "cuda":
