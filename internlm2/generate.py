@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .decode_step import _call_freezing, _compile_step, _decode_step, _static_plan  # noqa: F401
+from .decode_step import _call_freezing, _compile_step, _static_plan
 from .model import rope_theta
 
 __all__ = [
@@ -81,7 +81,7 @@ class GenerationConfig:
     # behaviour policy an RL update needs when sampling was warped.
     raw_logprobs: bool = True
     # True: decode a single prompt with a torch.compile'd single-token step over a fixed-size
-    # KV cache (see `decode_step._decode_step`). The first call per model compiles (seconds); the weights
+    # KV cache (`decode_step.py`). The first call per model compiles (seconds); the weights
     # are frozen into the graph, so a later weight update triggers a fresh compile. Other
     # cases (batches, a rotary base that changes mid-run) silently use the eager step.
     compile: bool = False

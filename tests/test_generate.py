@@ -7,6 +7,7 @@ import torch
 from conftest import CharTokenizer
 
 import internlm2.generate as generate_module
+from internlm2 import decode_step
 from internlm2.config import ModelConfig
 from internlm2.generate import (
     GenerationConfig,
@@ -386,7 +387,7 @@ def test_static_step_matches_eager(model, monkeypatch):
 
     def fake_compile(m):
         calls.append(m)
-        return generate_module._decode_step
+        return decode_step._decode_step
 
     monkeypatch.setattr(generate_module, "_compile_step", fake_compile)
     prompt = PROMPTS[0]
@@ -411,11 +412,11 @@ def test_static_step_matches_eager(model, monkeypatch):
 def test_compiled_step_is_rebuilt_after_weight_update():
     """Freezing bakes the weights into the graph: an in-place update must give a new one."""
     m = build_model(small_config(num_hidden_layers=1), seed=0).eval()
-    first = generate_module._compile_step(m)
-    assert generate_module._compile_step(m) is first
+    first = decode_step._compile_step(m)
+    assert decode_step._compile_step(m) is first
     with torch.no_grad():
         m.output.weight.add_(1.0)
-    assert generate_module._compile_step(m) is not first
+    assert decode_step._compile_step(m) is not first
 
 
 @pytest.mark.slow

@@ -324,3 +324,9 @@ def test_run_niah_records_lead_and_refuses_to_mix(tok, hay, model, tmp_path):
     plain = run_niah(model, tok, [96], [50], DEFAULT_NEEDLES["en"], 1, tmp_path / "b.jsonl",
                      lead=False, **kw)
     assert plain[0]["lead"] is False
+    # a needle without a lead-in among ones with it: its rows say False, and resuming with the
+    # same settings goes on
+    mixed = [Needle("42 is the answer.", "What is it?", "42"), DEFAULT_NEEDLES["en"][0]]
+    first = run_niah(model, tok, [96], [50], mixed, 2, tmp_path / "m.jsonl", **kw)
+    assert [r["lead"] for r in first] == [False, True]
+    assert len(run_niah(model, tok, [96, 128], [50], mixed, 2, tmp_path / "m.jsonl", **kw)) == 4

@@ -544,12 +544,14 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
         haystack = load_haystack(None, needles[0].lang)
     path = Path(out_jsonl) if out_jsonl is not None else None
     rows = _read_jsonl(path) if path is not None else []
-    want_lead = lead and multi == 1
+    def led(needle: Needle) -> bool:  # whether this run's prompt for `needle` has a lead-in
+        return lead and multi == 1 and needle.answer_lead is not None
+
     for r in rows:
-        if r.get("multi") == multi and bool(r.get("lead", False)) != want_lead and \
-                any(n.answer_lead for n in needles):
-            raise ValueError(f"{path}: rows were written with lead={not want_lead}; resume "
-                             f"with the same setting or write to another file")
+        if r.get("multi") == multi and r.get("needle_index", -1) < len(needles) and \
+                bool(r.get("lead", False)) != led(needles[r["needle_index"]]):
+            raise ValueError(f"{path}: rows were written with lead={bool(r.get('lead'))}; "
+                             f"resume with the same setting or write to another file")
     done = {_row_key(r) for r in rows}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -573,12 +575,11 @@ def run_niah(model: Any, tokenizer: Any, lengths: Sequence[int] | str,
                     offset = random.Random(f"{seed}/{length}/{depth}/{rep}").randrange(n_hay)
                     prompt = build_context(tokenizer, haystack, used, length, depth, chat=chat,
                                            offset=offset, lead=lead)
-                    led = lead and multi == 1 and used[0].answer_lead is not None
                     with torch.inference_mode():
                         comp = collect(generate(model, prompt.ids, cfg, tokenizer=tokenizer))[0]
                     pred = comp.text
                     row = {"length": length, "depth": key[1], "repeat": rep, "needle_index": j,
-                           "multi": multi, "lang": used[0].lang, "chat": chat, "lead": led,
+                           "multi": multi, "lang": used[0].lang, "chat": chat, "lead": led(used[0]),
                            "prompt_tokens": len(prompt.ids),
                            "needle_positions": prompt.needle_positions,
                            "answers": [n.answer for n in used], "prediction": pred,

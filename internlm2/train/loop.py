@@ -62,7 +62,7 @@ def token_losses(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _fused_head(model: nn.Module) -> nn.Linear | None:
-    """The LM head when `causal_lm_loss` may fuse it with the loss: the model is our causal
+    """The LM head when `fused_causal_lm_loss` may fuse it with the loss: the model is our causal
     LM (forward(return_hidden=True) gives the normed hidden states; also under torch.compile
     or FSDP's class swap) and `output` is a plain bias-free nn.Linear with a plain-tensor
     weight and no hooks. DTensor weights (FSDP2, tensor parallel), LoRA or other wrapped
@@ -548,6 +548,7 @@ def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
 
 __all__ = ["IGNORE_INDEX", "LossFn", "CountFn", "StepResult", "Metrics", "StopSignal",
            "count_targets", "token_losses", "causal_lm_loss", "train_step", "evaluate",
-           "bits_per_byte", "fused_causal_lm_loss", "token_byte_lengths", "param_groups", "build_optimizer", "lr_at",
+           "fused_causal_lm_loss", "bits_per_byte", "token_byte_lengths", "param_groups",
+           "build_optimizer", "lr_at",
            "set_lr", "measure_peak_flops", "mfu", "all_reduce_sum", "to_device",
            "autocast_context", "seed_everything", "rng_state", "set_rng_state", "read_metrics"]
