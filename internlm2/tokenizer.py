@@ -630,10 +630,12 @@ def train_tokenizer(
     cjk_chars: int | None = None,
     min_frequency: int = 2,
     show_progress: bool = False,
+    digit_group: int = 3,
 ) -> BPETokenizer:
     """Train a byte-level BPE tokenizer with the report's recipe, at any scale.
 
-    - Pre-tokenization: GPT-4's cl100k regex (so digits split in groups of at most 3), then
+    - Pre-tokenization: GPT-4's cl100k regex (so digits split in groups of at most
+      `digit_group`, 3 as cl100k; 1 gives one token per digit as LLaMA's split_digits), then
       byte-level; no normalization, so decoding is lossless.
     - Ids 0, 1, 2 = `<unk>`, `<s>`, `</s>` (bos 1, eos 2, pad 2), then the 256 byte tokens,
       then the merges.
@@ -682,10 +684,13 @@ def train_tokenizer(
             char_counts.update(t)
             yield t
 
+    if not isinstance(digit_group, int) or digit_group < 1:
+        raise ValueError(f"digit_group must be a positive integer, got {digit_group!r}")
+    pattern = CL100K_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}{1,%d}" % digit_group)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok = HFTokenizer(models.BPE(unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated"), byte_level])
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level])
     trainer = trainers.BpeTrainer(
         vocab_size=budget, min_frequency=min_frequency, show_progress=show_progress,
         special_tokens=[UNK_TOKEN, BOS_TOKEN, EOS_TOKEN],
@@ -855,7 +860,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 def _cli_train(args: argparse.Namespace) -> int:
     tok = train_tokenizer([Path(p) for p in args.input], args.vocab_size, args.output,
                           num_spare=args.num_spare,
-                          cjk_chars=args.cjk_chars, show_progress=not args.quiet)
+                          cjk_chars=args.cjk_chars, show_progress=not args.quiet,
+                          digit_group=args.digit_group)
     print(f"saved {tok} to {args.output}")
     compare = Path(args.compare) if args.compare else official_tokenizer_path()
     tokenizers = {"trained": tok}
@@ -893,6 +899,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="minimum spare tokens (default: 147, or vocab/64 for small vocabs)")
     t.add_argument("--cjk-chars", type=int, default=None,
                    help="most frequent CJK characters kept as single tokens (default vocab/8)")
+    t.add_argument("--digit-group", type=int, default=3,
+                   help="digits per pre-token at most (3 as cl100k; 1: one token per digit)")
     t.add_argument("--compare", default=None,
                    help="tokenizer to compare compression with (default: the official one "
                         "in ../shared/data when present)")

@@ -267,6 +267,23 @@ def test_bpe_digits_at_most_three(bpe):
     assert "".join(bpe.decode([i]) for i in ids) == "x = 1234567890123 + 98765"
 
 
+def test_bpe_single_digits(tmp_path):
+    texts = [f"item {i * 7919 % 100000} costs {i * 31 % 997}.{i % 100} units\n" * 3
+             for i in range(2000)] + [synthetic_chinese(2000, seed=2)]
+    tok = train_tokenizer(texts, 512, tmp_path / "d1", digit_group=1)
+    for i in range(tok.vocab_size):
+        assert sum(c.isdigit() for c in tok.decode([i])) <= 1, tok.id_to_token(i)
+    ids = tok.encode("The code is 48213.", add_bos=False)
+    assert [tok.decode([i]) for i in ids][-6:] == ["4", "8", "2", "1", "3", "."]
+    again = load_tokenizer(tmp_path / "d1")  # the split is part of the saved tokenizer
+    assert again.encode("x 90517 y") == tok.encode("x 90517 y")
+    three = train_tokenizer(texts, 512)  # the default keeps groups of up to three
+    assert any(sum(c.isdigit() for c in three.decode([i])) >= 2 for i in range(512))
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="digit_group"):
+            train_tokenizer(texts, 512, digit_group=bad)
+
+
 def test_bpe_special_tokens(bpe):
     ids = bpe.encode(VECTOR_TEXT)
     assert ids[:2] == [1, bpe.im_start_id] and ids.count(bpe.im_end_id) == 2
