@@ -14,3 +14,15 @@ def emit_results(results: dict, path: str | Path | None) -> dict:
         tmp.replace(p)
     print(json.dumps(results))
     return results
+
+
+def load_llama_weights(ref, ours, config) -> None:
+    """Load `ours`' weights into transformers' LlamaForCausalLM `ref` through the production
+    converter (internlm2.hf.to_llama_state_dict), so both sides start from the same weights.
+    RuntimeError when anything but the non-persistent rotary buffers fails to match."""
+    from internlm2.hf import to_llama_state_dict
+
+    missing, unexpected = ref.load_state_dict(to_llama_state_dict(ours.state_dict(), config),
+                                              strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")

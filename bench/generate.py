@@ -22,7 +22,8 @@ descheduled thread and all figures drop several-fold (the 100m batch-8 "anomaly"
 For the 100m preset the batch-1 memory-bandwidth bound is printed too: weight bytes read
 per decode step over the measured copy bandwidth. The last line is one JSON object with
 every figure; `ratio` = ours (the faster of eager and compiled) / transformers at batch 1 on
-the tiny preset (`ratio_eager`, `ratio_compiled`: each row's own). The same JSON is written to bench/results/generate.json.
+the tiny preset (`ratio_eager`, `ratio_compiled`: each row's own). The same JSON is written
+to bench/results/generate.json.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from internlm2.config import ModelConfig
 from internlm2.generate import collect, generate
-from internlm2.hf import llama_config_dict, to_llama_state_dict
+from internlm2.hf import llama_config_dict
 from internlm2.model import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_results  # noqa: E402
+from _common import emit_results, load_llama_weights  # noqa: E402
 
 
 def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -96,11 +97,7 @@ def build_pair(preset: str):
     config = ModelConfig.preset(preset)
     ours = build_model(config, seed=0).eval()
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(llama_config_dict(config)))
-    missing, unexpected = ref.load_state_dict(to_llama_state_dict(ours.state_dict(), config),
-                                              strict=False)
-    # Non-persistent buffers (rotary inv_freq) are the only thing allowed to be missing.
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
+    load_llama_weights(ref, ours, config)
     ref.eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = config.pad_token_id

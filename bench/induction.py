@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from internlm2.config import ModelConfig  # noqa: E402
-from internlm2.hf import llama_config_dict, to_llama_state_dict  # noqa: E402
+from internlm2.hf import llama_config_dict  # noqa: E402
 from internlm2.model import build_model  # noqa: E402
 
-from _common import emit_results  # noqa: E402
+from _common import emit_results, load_llama_weights  # noqa: E402
 
 
 FIRST_ID = 300  # the symbols are ids FIRST_ID .. FIRST_ID + symbols - 1 (past the specials)
@@ -76,10 +76,7 @@ def build_pair(config: ModelConfig):
     hf_cfg = transformers.LlamaConfig.from_dict(llama_config_dict(config))
     hf_cfg._attn_implementation = "sdpa"
     theirs = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = theirs.load_state_dict(
-        to_llama_state_dict(ours.state_dict(), config), strict=False)
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
+    load_llama_weights(theirs, ours, config)
     return ours.train(), theirs.train()
 
 

@@ -56,11 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 from internlm2.config import ModelConfig  # noqa: E402
 from internlm2.generate import collect, generate  # noqa: E402
-from internlm2.hf import llama_config_dict, to_llama_state_dict  # noqa: E402
+from internlm2.hf import llama_config_dict  # noqa: E402
 from internlm2.model import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_results  # noqa: E402
+from _common import emit_results, load_llama_weights  # noqa: E402
 
 PRESET = "tiny"
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384,32768,65536,131072"
@@ -136,11 +136,7 @@ def build_theirs(config: ModelConfig, ours=None):
     hf_cfg = transformers.LlamaConfig.from_dict(llama_config_dict(config))
     hf_cfg._attn_implementation = "sdpa"
     ref = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = ref.load_state_dict(to_llama_state_dict(ours.state_dict(), config),
-                                              strict=False)
-    # Non-persistent buffers (rotary inv_freq) are the only thing allowed to be missing.
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
+    load_llama_weights(ref, ours, config)
     return ref.eval()
 
 

@@ -85,7 +85,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_results  # noqa: E402
+from _common import emit_results, load_llama_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -195,7 +195,7 @@ def _build_hf(config, ours, device: str):
     import torch
     import transformers
 
-    from internlm2.hf import llama_config_dict, to_llama_state_dict
+    from internlm2.hf import llama_config_dict
 
     transformers.logging.set_verbosity_error()
     lc = transformers.LlamaConfig.from_dict(llama_config_dict(config))
@@ -203,10 +203,7 @@ def _build_hf(config, ours, device: str):
     with torch.device(device):
         ref = transformers.LlamaForCausalLM._from_config(lc, attn_implementation="sdpa",
                                                          dtype=torch.float32)
-    missing, unexpected = ref.load_state_dict(to_llama_state_dict(ours.state_dict(), config),
-                                              strict=False)
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
+    load_llama_weights(ref, ours, config)
     return ref
 
 

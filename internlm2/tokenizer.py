@@ -48,10 +48,13 @@ CHAT_TEMPLATE = (
 
 # GPT-4 (cl100k_base) pre-tokenization: contractions, letter runs with one leading non-letter,
 # digits in groups of at most 3, punctuation runs, newlines, other whitespace.
-CL100K_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+def pretokenize_pattern(digit_group: int = 3) -> str:
+    """The cl100k pre-tokenizer regex with digits in groups of at most `digit_group`."""
+    return (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,%d}" % digit_group
+            + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+CL100K_PATTERN = pretokenize_pattern(3)
 
 _CJK_RANGES = (
     (0x3000, 0x303F),  # CJK symbols and punctuation (、。「」…)
@@ -686,7 +689,7 @@ def train_tokenizer(
 
     if not isinstance(digit_group, int) or digit_group < 1:
         raise ValueError(f"digit_group must be a positive integer, got {digit_group!r}")
-    pattern = CL100K_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}{1,%d}" % digit_group)
+    pattern = pretokenize_pattern(digit_group)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok = HFTokenizer(models.BPE(unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
